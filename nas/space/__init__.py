@@ -1,0 +1,23 @@
+"""Search spaces (YAML data), concrete architectures and their encoding."""
+
+from nas.space.arch import Arch, ArchFormatError, BlockSpec, decode
+from nas.space.references import REFERENCE_NAMES, reference
+from nas.space.sampling import extreme, reference_archs, sample
+from nas.space.schema import Space, SpaceError, list_spaces, load_space, space_from_dict
+
+__all__ = [
+    "REFERENCE_NAMES",
+    "Arch",
+    "ArchFormatError",
+    "BlockSpec",
+    "Space",
+    "SpaceError",
+    "decode",
+    "extreme",
+    "list_spaces",
+    "load_space",
+    "reference",
+    "reference_archs",
+    "sample",
+    "space_from_dict",
+]
