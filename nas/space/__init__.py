@@ -1,7 +1,7 @@
 """Search spaces (YAML data), concrete architectures and their encoding."""
 
 from nas.space.arch import Arch, ArchFormatError, BlockSpec, decode
-from nas.space.references import REFERENCE_NAMES, reference
+from nas.space.references import REFERENCE_NAMES, arch_from_text, reference
 from nas.space.sampling import extreme, reference_archs, sample
 from nas.space.schema import Space, SpaceError, list_spaces, load_space, space_from_dict
 
@@ -12,6 +12,7 @@ __all__ = [
     "BlockSpec",
     "Space",
     "SpaceError",
+    "arch_from_text",
     "decode",
     "extreme",
     "list_spaces",

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from nas.errors import NasError
+
 FORMAT_VERSION = 1
 ACTIVATIONS = ("relu", "hswish")
 KERNELS = (3, 5, 7)
@@ -28,7 +30,7 @@ _ACT_CODE = {"relu": "re", "hswish": "hs"}
 _CODE_ACT = {v: k for k, v in _ACT_CODE.items()}
 
 
-class ArchFormatError(ValueError):
+class ArchFormatError(NasError, ValueError):
     """An architecture string that cannot be decoded."""
 
 

@@ -80,3 +80,24 @@ def reference(
         classifier_channels=fc,
         source=f"reference:{name}",
     )
+
+
+def arch_from_text(text: str, image_size: int) -> Arch:
+    """An ``arch=`` argument: an encoded string, or ``reference:NAME`` adapted to the data's image size.
+
+    Small images (<= 64 px) get the CIFAR adaptation (stride-1 stem and first
+    stride-2 block, at least 32 px input); larger ones torchvision's layout.
+    """
+    from nas.space.arch import decode
+
+    text = str(text).strip()
+    if not text.startswith("reference:"):
+        return decode(text)
+    name = text.removeprefix("reference:")
+    if name not in _REFERENCES:
+        from nas.space.arch import ArchFormatError
+
+        raise ArchFormatError(f"unknown reference architecture {name!r}; known: {', '.join(REFERENCE_NAMES)}")
+    if image_size <= 64:
+        return reference(name, resolution=max(32, image_size), stem_stride=1, first_stride2_as_1=1)
+    return reference(name, resolution=image_size)

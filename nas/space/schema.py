@@ -15,13 +15,14 @@ from typing import Any
 
 import yaml
 
+from nas.errors import NasError
 from nas.space.arch import ACTIVATIONS, KERNELS, STRIDES
 from nas.space.references import REFERENCE_NAMES
 
 Choices = tuple[Any, ...]
 
 
-class SpaceError(ValueError):
+class SpaceError(NasError, ValueError):
     """A search space that cannot be used; the message says where and how to fix it."""
 
 

@@ -1,0 +1,40 @@
+"""What every ``python -m nas.*`` entry point shares: the config folder and clean error exits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nas.errors import NasError
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+EXIT_USER_ERROR = 2
+
+
+def quiet_libraries() -> None:
+    """Lightning's and MLflow's info banners drown the one line per trial that matters."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`NasError` into one line on stderr and exit status 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NasError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper

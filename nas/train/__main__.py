@@ -1,0 +1,41 @@
+"""``python -m nas.train arch=<string|reference:NAME>``: train one architecture, print validation accuracy."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.errors import NasError
+from nas.models import cost
+from nas.space import arch_from_text
+from nas.train.run import load_splits, make_datamodule, train_arch
+
+
+@user_errors
+def main(cfg: DictConfig) -> float:
+    quiet_libraries()
+    if not cfg.arch:
+        raise NasError("give the architecture to train: arch='<encoded string>' or arch=reference:mobilenet_v3_small")
+    splits = load_splits(cfg.data)
+    arch = arch_from_text(cfg.arch, int(splits.train_x.shape[-1]))
+    dm = make_datamodule(cfg, splits, arch.resolution)
+    c = cost(arch, dm.num_classes)
+    print(f"training {arch.encode()}")
+    print(
+        f"  {c.params / 1e6:.2f} M params, {c.mflops:.1f} MFLOPs at {arch.resolution}px; data {cfg.data.name}: "
+        f"{len(dm.train_split.y)} train / {len(dm.val_split.y)} val images; {cfg.train.epochs} epochs",
+        flush=True,
+    )
+    result = train_arch(cfg, arch, dm)
+    print(f"val_acc={result.val_acc:.4f} val_loss={result.val_loss:.4f} after {result.epochs} epochs")
+    return result.val_acc
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def app(cfg: DictConfig) -> float:
+    return main(cfg)
+
+
+if __name__ == "__main__":
+    app()

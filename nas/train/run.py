@@ -1,0 +1,130 @@
+"""One training run of one architecture: the path every trial, ``nas.train`` and retraining share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from nas.data import TensorImageDataModule
+from nas.data.sources import ImageSplits
+from nas.errors import NasError
+from nas.space import Arch
+from nas.train.module import ClassifierModule
+
+
+def resolve_accelerator(choice: str) -> str:
+    """'auto' -> 'gpu' when CUDA is usable, else 'cpu'; asking for a GPU that is not there is an error."""
+    if choice in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise NasError("train.accelerator=gpu but no CUDA device is available; use train.accelerator=cpu")
+        return "gpu"
+    if choice == "cpu":
+        return "cpu"
+    if choice == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    raise NasError(f"train.accelerator={choice!r} is not one of auto, cpu, gpu")
+
+
+def load_splits(data_cfg: DictConfig) -> ImageSplits:
+    """Decode the configured data set (once per process; callers keep the result)."""
+    return instantiate(data_cfg.loader)()
+
+
+def make_datamodule(
+    cfg: DictConfig, splits: ImageSplits, resolution: int, train_on_val: bool = False
+) -> TensorImageDataModule:
+    device = "cuda" if resolve_accelerator(cfg.train.accelerator) == "gpu" else "cpu"
+    dm = TensorImageDataModule(
+        name=cfg.data.name,
+        loader=lambda: splits,
+        resolution=resolution,
+        batch_size=cfg.train.batch_size,
+        eval_batch_size=cfg.train.eval_batch_size,
+        val_size=cfg.data.val_size,
+        split_seed=cfg.data.split_seed,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        hflip=cfg.data.hflip,
+        pad=cfg.data.pad,
+        device=device,
+        train_on_val=train_on_val,
+        seed=cfg.seed,
+        limit_train=cfg.train.limit_train_images,
+        repeat=cfg.data.get("repeat", 1),
+    )
+    dm.setup("fit")
+    return dm
+
+
+def make_module(cfg: DictConfig, arch: Arch, num_classes: int) -> ClassifierModule:
+    t = cfg.train
+    return ClassifierModule(
+        arch,
+        num_classes,
+        optimizer=instantiate(t.optimizer),
+        scheduler=instantiate(t.schedule) if t.get("schedule") else None,
+        weight_decay=t.weight_decay,
+        label_smoothing=t.label_smoothing,
+        dropout=t.dropout,
+        bn_momentum=t.bn_momentum,
+    )
+
+
+def make_trainer(
+    cfg: DictConfig, callbacks: Sequence[pl.Callback] = (), logger: Any = False, **overrides: Any
+) -> pl.Trainer:
+    t = cfg.train
+    torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
+    kwargs: dict[str, Any] = {
+        "accelerator": resolve_accelerator(t.accelerator),
+        "devices": 1,
+        "max_epochs": t.epochs,
+        "precision": t.precision,
+        "logger": logger,
+        "callbacks": list(callbacks),
+        "enable_checkpointing": False,
+        "enable_progress_bar": bool(t.progress_bar),
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": bool(t.deterministic),
+        "benchmark": bool(t.cudnn_benchmark),
+    }
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    val_loss: float
+    epochs: int
+    module: ClassifierModule
+
+
+def train_arch(
+    cfg: DictConfig,
+    arch: Arch,
+    datamodule: TensorImageDataModule,
+    callbacks: Sequence[pl.Callback] = (),
+    logger: Any = False,
+) -> TrainResult:
+    """Train ``arch`` with the configured recipe and return its final validation metrics."""
+    if cfg.train.epochs <= 0:
+        raise NasError(f"train.epochs must be positive, got {cfg.train.epochs}")
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    module = make_module(cfg, arch, datamodule.num_classes)
+    trainer = make_trainer(cfg, callbacks, logger)
+    trainer.fit(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    return TrainResult(
+        val_acc=float(metrics["val_acc"]),
+        val_loss=float(metrics["val_loss"]),
+        epochs=trainer.current_epoch,
+        module=module,
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny spaces and composed configs so CPU tests stay fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from nas.cli import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg"
+
+# Small enough that one epoch of digits trains in a couple of seconds on 2 CPU cores.
+TINY_SPACE = """\
+description: tiny test space
+resolution: 16
+width: [0.25, 0.5]
+stem: {channels: 16, stride: 1, activation: hswish}
+block: {kernel: [3, 5], expansion: [2, 3], se: [false, true], activation: [relu, hswish]}
+stages:
+  - {channels: 16, stride: 2, depth: [1, 2]}
+  - {channels: 24, stride: 2, depth: [1, 2]}
+head: {channels: 64, activation: hswish}
+classifier: {channels: 64}
+"""
+
+TINY_ARCH = "nas1-r16-w0.5-stem_c16_s1_hs-k3_e2_c16_s2_re-k3_e3_c24_s2_hs_se-head_c64_hs-fc_c64"
+
+
+@pytest.fixture
+def tiny_space(tmp_path: Path) -> Path:
+    path = tmp_path / "spaces" / "tiny.yaml"
+    path.parent.mkdir()
+    path.write_text(TINY_SPACE)
+    return path
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run with the working directory in a temp folder, so outputs/ lands there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env

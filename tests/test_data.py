@@ -1,0 +1,171 @@
+"""Data modules: real loaders, the seeded validation split, augmentation, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nas.data.augment import random_crop_flip, to_network_input
+from nas.data.datamodule import TensorImageDataModule
+from nas.data.sources import DataError, cifar10, digits, imagefolder, svhn
+from nas.train.run import load_splits, make_datamodule
+from tests.conftest import CIFAR_JPG, ROOT, compose_cfg, subprocess_env
+
+
+def test_validation_split_is_disjoint_and_seeded():
+    a_train, a_val = TensorImageDataModule.split_indices(50_000, 5000, seed=0)
+    b_train, b_val = TensorImageDataModule.split_indices(50_000, 5000, seed=0)
+    _c_train, c_val = TensorImageDataModule.split_indices(50_000, 5000, seed=1)
+    assert len(a_val) == 5000 and len(a_train) == 45_000
+    assert not set(a_train.tolist()) & set(a_val.tolist())
+    assert torch.equal(a_val, b_val) and torch.equal(a_train, b_train)
+    assert not torch.equal(a_val, c_val)
+    _, frac_val = TensorImageDataModule.split_indices(1000, 0.2, seed=0)
+    assert len(frac_val) == 200
+    with pytest.raises(DataError, match="val_size"):
+        TensorImageDataModule.split_indices(100, 100, seed=0)
+
+
+def test_datamodule_keeps_val_out_of_training():
+    cfg = compose_cfg("data=digits")
+    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    train_rows = {tuple(r.flatten().tolist()) for r in dm.train_split.x}
+    val_rows = [tuple(r.flatten().tolist()) for r in dm.val_split.x]
+    # digits has a few duplicate images; at most those may coincide.
+    assert sum(r in train_rows for r in val_rows) < 0.05 * len(val_rows)
+    assert len(dm.train_split.y) + len(dm.val_split.y) == 1438
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (128, 3, 16, 16) and x.dtype == torch.float32
+    assert y.dtype == torch.int64
+    assert len(dm.train_dataloader()) == 1150 * 10 // 128  # digits repeats its tiny training split 10x per epoch
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == 288
+    assert dm.test_split is not None and len(dm.test_split.y) == 359
+
+
+def test_train_batches_reshuffle_each_epoch_reproducibly():
+    cfg = compose_cfg("data=digits", "data.repeat=1")
+    splits = load_splits(cfg.data)
+    first = [b[1] for b in make_datamodule(cfg, splits, 16).train_dataloader()]
+    dm = make_datamodule(cfg, splits, 16)
+    loader = dm.train_dataloader()
+    epoch0, epoch1 = [b[1] for b in loader], [b[1] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch0, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
+
+
+def test_random_crop_flip_is_a_per_image_shifted_window():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(8 * 8, dtype=torch.uint8).view(1, 1, 8, 8).repeat(64, 2, 1, 1) + 1
+    out = random_crop_flip(x, pad=2, hflip=False, generator=gen)
+    assert out.shape == x.shape
+    # Each crop equals the zero-padded image at some offset in [0, 4]^2, and offsets differ across images.
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
+        assert found
+        offsets.add(found[0])
+    assert len(offsets) > 5
+    flipped = random_crop_flip(x, pad=0, hflip=True, generator=gen)
+    n_flipped = sum(torch.equal(flipped[i], x[i].flip(-1)) for i in range(len(x)))
+    assert 10 < n_flipped < 54
+
+
+def test_network_input_normalises_resizes_and_expands_gray():
+    x = torch.full((4, 1, 8, 8), 255, dtype=torch.uint8)
+    out = to_network_input(x, torch.tensor([0.5]).view(1, 1, 1, 1), torch.tensor([0.25]).view(1, 1, 1, 1), 32)
+    assert out.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(out, torch.full_like(out, 2.0))
+
+
+def test_digits_is_offline_and_complete():
+    s = digits()
+    assert s.train_x.shape[1:] == (1, 8, 8) and s.train_x.dtype == torch.uint8
+    assert len(s.train_y) + len(s.test_y) == 1797
+    assert int(s.train_x.max()) == 255
+    assert sorted(set(s.train_y.tolist())) == list(range(10))
+
+
+@pytest.mark.parametrize("loader", [cifar10, svhn])
+def test_missing_dataset_offline_names_set_root_and_fixes(tmp_path, loader):
+    with pytest.raises(DataError) as err:
+        loader(tmp_path / "nowhere", download=False)
+    msg = str(err.value)
+    assert "not found in" in msg and str(tmp_path / "nowhere") in msg
+    assert "data.root=" in msg and "data=digits" in msg
+
+
+def test_missing_dataset_download_failure_is_clear(tmp_path):
+    # No network here: the download fails and the message says so, instead of a URLError traceback.
+    with pytest.raises(DataError, match=r"CIFAR-10 not found in .* downloading it failed"):
+        cifar10(tmp_path, download=True)
+
+
+def test_train_cli_missing_data_exits_cleanly(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nas.train",
+            "arch=reference:mobilenet_v3_small",
+            f"data.root={tmp_path}",
+            "data.download=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: data set CIFAR-10 not found in" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_imagefolder_single_folder_layout_and_cache(tmp_path):
+    from torchvision.io import write_png
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            write_png(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8), str(tmp_path / "imgs" / cls / f"{i}.png"))
+    cache = tmp_path / "cache"
+    s = imagefolder(tmp_path / "imgs", cache_dir=cache)
+    assert s.train_x.shape == (6, 3, 12, 12) and s.test_x is None
+    assert s.classes == ["cat", "dog"] and s.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(list(cache.glob("*.pt"))) == 1
+    again = imagefolder(tmp_path / "imgs", cache_dir=cache)
+    assert torch.equal(again.train_x, s.train_x)
+    resized = imagefolder(tmp_path / "imgs", image_size=8, cache_dir=cache)
+    assert resized.train_x.shape == (6, 3, 8, 8)
+    assert len(list(cache.glob("*.pt"))) == 2
+    with pytest.raises(DataError, match="does not exist"):
+        imagefolder(tmp_path / "missing", cache_dir=cache)
+
+
+def test_real_cifar10_jpg_through_imagefolder(tmp_path):
+    if not CIFAR_JPG.is_dir():
+        pytest.skip(f"the CIFAR-10 JPEG copy is not at {CIFAR_JPG} on this machine")
+    cfg = compose_cfg("data=imagefolder", f"data.root={CIFAR_JPG}", f"data.cache_dir={tmp_path}")
+    splits = load_splits(cfg.data)
+    assert splits.train_x.shape == (50_000, 3, 32, 32)
+    assert splits.test_x.shape == (10_000, 3, 32, 32)
+    assert splits.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert torch.bincount(splits.train_y).tolist() == [5000] * 10
+    assert torch.bincount(splits.test_y).tolist() == [1000] * 10
+    dm = make_datamodule(cfg, splits, resolution=32)
+    assert len(dm.val_split.y) == 5000 and len(dm.train_split.y) == 45_000
+    # Measured statistics match the copy's README (0.4898, 0.4802, 0.4442) closely.
+    torch.testing.assert_close(dm.mean.flatten(), torch.tensor([0.4898, 0.4802, 0.4442]), atol=0.01, rtol=0)
+
+
+def test_project_root_is_importable():
+    assert (ROOT / "conf" / "config.yaml").is_file()

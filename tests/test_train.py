@@ -1,0 +1,120 @@
+"""The training path: Hydra composition, the LightningModule, optimisers and schedules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from nas.space import decode
+from nas.train.module import ClassifierModule, param_groups
+from nas.train.run import load_splits, make_datamodule, make_module, train_arch
+from nas.train.schedules import cosine, one_cycle
+from tests.conftest import TINY_ARCH, compose_cfg, subprocess_env
+
+
+def test_config_groups_compose_and_override():
+    cfg = compose_cfg()
+    assert cfg.data.name == "cifar10" and cfg.train.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.trials == 20 and "space" not in cfg
+    cfg = compose_cfg(
+        "data=fashion_mnist",
+        "train.epochs=3",
+        "train/optimizer=adamw",
+        "train/schedule=onecycle",
+        "+space=mbv3",
+        "trials=7",
+        "latency.budget_ms=1.5",
+        "search.sampler=nsga2",
+    )
+    assert cfg.data.name == "fashion_mnist" and cfg.data.hflip is True and cfg.data.mean == [0.2860]
+    assert cfg.data.loader._target_ == "nas.data.sources.fashion_mnist"
+    assert cfg.train.epochs == 3 and cfg.train.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.train.schedule._target_ == "nas.train.schedules.one_cycle"
+    assert cfg.space == "mbv3" and cfg.trials == 7 and cfg.latency.budget_ms == 1.5
+    assert cfg.search.sampler == "nsga2"
+    assert compose_cfg("data=cifar100").data.loader.root == "data"
+    assert compose_cfg("data=imagefolder", "data.root=/x").data.loader.root == "/x"
+
+
+def _module(**kw):
+    cfg = compose_cfg("train.weight_decay=0.01")
+    return make_module(cfg, decode(TINY_ARCH), 10) if not kw else ClassifierModule(TINY_ARCH, 10, **kw)
+
+
+def test_weight_decay_skips_batchnorm_and_bias():
+    module = _module()
+    decay, no_decay = param_groups(module.model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    bn_weights = {id(m.weight) for m in module.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert bn_weights <= {id(p) for p in no_decay["params"]}
+
+
+def test_steps_change_weights_and_lower_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    cfg = compose_cfg(
+        "train.label_smoothing=0.1", "train/optimizer=adamw", "train.optimizer.lr=0.01", "train.dropout=0"
+    )
+    module = make_module(cfg, decode(TINY_ARCH), 10)
+    optimizer = instantiate(cfg.train.optimizer)(param_groups(module.model, 0.0))
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    before = [p.detach().clone() for p in module.parameters()]
+    module.train()
+    losses = []
+    for _ in range(30):
+        loss = module.criterion(module(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_schedules_warm_up_then_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = cosine(opt, total_steps=100, warmup=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.001 and max(lrs) == pytest.approx(0.1, rel=0.02)
+    assert lrs.index(max(lrs)) in range(9, 12) and lrs[-1] < 0.001
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = one_cycle(opt, total_steps=100, warmup=0.3)
+    peak = []
+    for _ in range(100):
+        peak.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(peak) == pytest.approx(0.2, rel=0.02) and peak.index(max(peak)) in range(28, 32)
+
+
+def test_lightning_training_logs_per_epoch_metrics_and_learns():
+    cfg = compose_cfg("data=digits", "train.epochs=2", "train/optimizer=adamw")
+    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    result = train_arch(cfg, decode(TINY_ARCH), dm)
+    assert result.epochs == 2
+    assert result.val_acc > 0.5  # chance is 0.1
+    metrics = result.module.trainer.callback_metrics
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert key in metrics
+
+
+def test_train_cli_rejects_bad_arch_cleanly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.train", "arch=nas1-r32-oops", "data=digits"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: cannot decode architecture 'nas1-r32-oops'" in proc.stderr
+    assert "Traceback" not in proc.stderr
