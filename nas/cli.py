@@ -17,6 +17,8 @@ EXIT_USER_ERROR = 2
 
 def quiet_libraries() -> None:
     """Lightning's and MLflow's info banners drown the one line per trial that matters."""
+    import mlflow  # noqa: F401  (configures its loggers on import; set levels after that)
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import warnings

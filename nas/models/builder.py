@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,65 +47,76 @@ def resolve_blocks(arch: Arch) -> list[ResolvedBlock]:
     return resolved
 
 
+def make_stem(arch: Arch, norm: Callable[..., nn.Module]) -> nn.Module:
+    return Conv2dNormActivation(
+        3,
+        make_divisible(arch.stem_channels * arch.width),
+        kernel_size=3,
+        stride=arch.stem_stride,
+        norm_layer=norm,
+        activation_layer=ACTIVATION_LAYERS[arch.stem_activation],
+    )
+
+
+def make_block(b: ResolvedBlock, norm: Callable[..., nn.Module]) -> InvertedResidual:
+    return InvertedResidual(
+        b.in_channels, b.expanded_channels, b.out_channels, b.kernel, b.stride, b.activation, b.se, norm
+    )
+
+
+def make_head_conv(arch: Arch, in_channels: int, norm: Callable[..., nn.Module]) -> nn.Module:
+    return Conv2dNormActivation(
+        in_channels,
+        make_divisible(arch.head_channels * arch.width),
+        kernel_size=1,
+        norm_layer=norm,
+        activation_layer=ACTIVATION_LAYERS[arch.head_activation],
+    )
+
+
+def make_classifier(arch: Arch, num_classes: int, dropout: float) -> nn.Sequential:
+    head_out = make_divisible(arch.head_channels * arch.width)
+    hidden = make_divisible(arch.classifier_channels * arch.width)
+    return nn.Sequential(
+        nn.Linear(head_out, hidden),
+        ACTIVATION_LAYERS[arch.head_activation](inplace=True),
+        nn.Dropout(p=dropout, inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's MobileNetV3 initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 class MobileNetV3Net(nn.Module):
-    """Stem, inverted-residual blocks, 1x1 head conv, global pooling, classifier (no BN)."""
+    """Stem, inverted-residual blocks, 1x1 head conv, global pooling, classifier (no BN).
+
+    Module names follow torchvision's (``features.N``, ``classifier``), so its weights load.
+    """
 
     def __init__(self, arch: Arch, num_classes: int, dropout: float = 0.2, bn_momentum: float = 0.01) -> None:
         super().__init__()
         norm = batch_norm(bn_momentum)
-        w = arch.width
         blocks = resolve_blocks(arch)
-        stem_out = make_divisible(arch.stem_channels * w)
-        head_out = make_divisible(arch.head_channels * w)
-        hidden = make_divisible(arch.classifier_channels * w)
-        layers: list[nn.Module] = [
-            Conv2dNormActivation(
-                3,
-                stem_out,
-                kernel_size=3,
-                stride=arch.stem_stride,
-                norm_layer=norm,
-                activation_layer=ACTIVATION_LAYERS[arch.stem_activation],
-            )
-        ]
-        layers += [
-            InvertedResidual(
-                b.in_channels, b.expanded_channels, b.out_channels, b.kernel, b.stride, b.activation, b.se, norm
-            )
-            for b in blocks
-        ]
-        layers.append(
-            Conv2dNormActivation(
-                blocks[-1].out_channels,
-                head_out,
-                kernel_size=1,
-                norm_layer=norm,
-                activation_layer=ACTIVATION_LAYERS[arch.head_activation],
-            )
-        )
+        layers = [make_stem(arch, norm), *(make_block(b, norm) for b in blocks)]
+        layers.append(make_head_conv(arch, blocks[-1].out_channels, norm))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(head_out, hidden),
-            ACTIVATION_LAYERS[arch.head_activation](inplace=True),
-            nn.Dropout(p=dropout, inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = make_classifier(arch, num_classes, dropout)
         self.arch = arch
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

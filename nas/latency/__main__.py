@@ -1,0 +1,103 @@
+"""``python -m nas.latency {build-table|validate|measure} +space=NAME [latency.*=...]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.errors import NasError
+from nas.latency.estimator import measure_arch, settings_from_cfg
+from nas.latency.fidelity import build_table, validate
+from nas.latency.table import LatencyTable
+from nas.models import cost
+from nas.space import arch_from_text, list_spaces, load_space
+
+COMMANDS = ("build-table", "validate", "measure")
+USAGE = (
+    "usage: python -m nas.latency build-table +space=NAME [latency.device=cpu|cuda ...]\n"
+    "       python -m nas.latency validate +space=NAME [n=30]\n"
+    "       python -m nas.latency measure arch='<string>|reference:NAME'"
+)
+_command: list[str] = []
+
+
+def _num_classes(cfg: DictConfig) -> int:
+    return int(cfg.data.get("num_classes") or 10)
+
+
+def _space(cfg: DictConfig):
+    if "space" not in cfg:
+        names = ", ".join(sorted(list_spaces())) or "none found"
+        raise NasError(f"choose a search space with +space=NAME (available: {names})")
+    return load_space(cfg.space)
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 50 == 0:
+        print(f"  measured {done}/{total} layers", flush=True)
+
+
+def _build(cfg: DictConfig) -> None:
+    space = _space(cfg)
+    table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
+    print(f"latency table {table.path} for space {space.name} on {table.settings.device_name()}")
+    measured = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
+    cal = table.calibration
+    print(
+        f"{len(table.entries)} entries ({measured} measured now, {len(table.entries) - measured} from cache); "
+        f"calibration a={cal[0]:.4f} b={cal[1]:.4f} ms"
+        if cal
+        else "no calibration"
+    )
+
+
+def _validate(cfg: DictConfig) -> None:
+    space = _space(cfg)
+    table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
+    build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
+    report = validate(space, table, _num_classes(cfg), int(cfg.n), int(cfg.seed))
+    print("\n".join(report.lines()))
+    out = Path(cfg.latency.table_dir) / f"validate-{space.name}-{table.path.stem.removeprefix('table-')}.json"
+    out.write_text(json.dumps(report.as_dict(), indent=1))
+    print(f"report written to {out}")
+    from nas.tracking.runs import log_latency_report
+
+    log_latency_report(cfg, report)
+
+
+def _measure(cfg: DictConfig) -> None:
+    if not cfg.arch:
+        raise NasError("give the architecture: arch='<encoded string>' or arch=reference:mobilenet_v3_small")
+    arch = arch_from_text(cfg.arch, int(cfg.data.get("image_size") or 32))
+    settings = settings_from_cfg(cfg.latency)
+    stats = measure_arch(arch, _num_classes(cfg), settings)
+    c = cost(arch, _num_classes(cfg))
+    print(
+        f"{arch.encode()}\n  {stats.median_ms:.4f} ms median (p10 {stats.p10_ms:.4f}, p90 {stats.p90_ms:.4f}, "
+        f"CV {stats.cv * 100:.1f}%) on {settings.device_name()} [{settings.key_fields()}]; "
+        f"{c.params / 1e6:.2f} M params, {c.mflops:.1f} MFLOPs"
+    )
+
+
+@user_errors
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    {"build-table": _build, "validate": _validate, "measure": _measure}[_command[0]](cfg)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="latency_app", version_base="1.3")
+def app(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    _command.append(sys.argv.pop(1))
+    app()

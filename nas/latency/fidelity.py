@@ -1,0 +1,107 @@
+"""How well the lookup table predicts measured latency: rank correlation, error, and cost."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from nas.latency.estimator import measure_arch
+from nas.latency.table import LatencyTable, space_components
+from nas.space import Space
+
+CALIBRATION_SEED_OFFSET = 1_000_003  # calibration networks never overlap the validation sample
+
+
+@dataclass
+class FidelityReport:
+    space: str
+    n: int
+    device_name: str
+    settings: dict
+    spearman: float
+    mape_pct: float
+    mape_uncalibrated_pct: float
+    calibration_a: float
+    calibration_b: float
+    calibration_networks: int
+    measured_min_ms: float
+    measured_max_ms: float
+    repeat_cv_pct: float  # spread of the same network measured 3 times
+    predict_s: float
+    measure_s: float
+    table_entries: int
+
+    @property
+    def speedup(self) -> float:
+        return self.measure_s / max(self.predict_s, 1e-12)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+    def lines(self) -> list[str]:
+        return [
+            f"latency fidelity on {self.device_name} ({self.settings}), space {self.space}, {self.n} networks",
+            f"  measured latency: {self.measured_min_ms:.3f} .. {self.measured_max_ms:.3f} ms",
+            f"  Spearman rank correlation: {self.spearman:.4f}",
+            f"  mean absolute percentage error: {self.mape_pct:.2f}% calibrated "
+            f"(a={self.calibration_a:.4f}, b={self.calibration_b:.4f} ms, fitted on {self.calibration_networks} "
+            f"other networks); {self.mape_uncalibrated_pct:.2f}% raw sum",
+            f"  repeat measurements of one network: CV {self.repeat_cv_pct:.2f}%",
+            f"  cost: one prediction {self.predict_s * 1e6:.1f} us, one measurement {self.measure_s * 1e3:.1f} ms "
+            f"({self.speedup:,.0f}x cheaper)",
+        ]
+
+
+def build_table(
+    space: Space, table: LatencyTable, num_classes: int, calibrate: int, seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:  # fmt: skip
+    """Measure every layer the space can produce, then calibrate on ``calibrate`` whole networks."""
+    measured = table.ensure(space_components(space, num_classes), progress)
+    if calibrate > 0 and (measured or table.calibration is None):
+        rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
+        archs = [space.sample(rng) for _ in range(calibrate)]
+        raw = [table.raw_sum(a, num_classes) for a in archs]
+        real = [measure_arch(a, num_classes, table.settings).median_ms for a in archs]
+        table.calibrate(raw, real)
+    return measured
+
+
+def validate(space: Space, table: LatencyTable, num_classes: int, n: int, seed: int) -> FidelityReport:
+    rng = np.random.default_rng(seed)
+    archs = [space.sample(rng) for _ in range(n)]
+    for a in archs:  # fill any gaps first, so prediction timing measures lookups only
+        table.raw_sum(a, num_classes)
+    t0 = time.perf_counter()
+    predicted = [table.predict(a, num_classes) for a in archs]
+    predict_s = (time.perf_counter() - t0) / n
+    raw = [table.raw_sum(a, num_classes) for a in archs]
+    t0 = time.perf_counter()
+    measured = [measure_arch(a, num_classes, table.settings).median_ms for a in archs]
+    measure_s = (time.perf_counter() - t0) / n
+    repeats = [measure_arch(archs[0], num_classes, table.settings).median_ms for _ in range(3)]
+    m, p, r = np.asarray(measured), np.asarray(predicted), np.asarray(raw)
+    a, b = table.calibration or (1.0, 0.0)
+    return FidelityReport(
+        space=space.name,
+        n=n,
+        device_name=table.settings.device_name(),
+        settings=table.settings.key_fields(),
+        spearman=float(spearmanr(m, p).statistic),
+        mape_pct=float(np.mean(np.abs(p - m) / m) * 100),
+        mape_uncalibrated_pct=float(np.mean(np.abs(r - m) / m) * 100),
+        calibration_a=a,
+        calibration_b=b,
+        calibration_networks=table.calibration_networks,
+        measured_min_ms=float(m.min()),
+        measured_max_ms=float(m.max()),
+        repeat_cv_pct=statistics.pstdev(repeats) / statistics.fmean(repeats) * 100,
+        predict_s=predict_s,
+        measure_s=measure_s,
+        table_entries=len(table.entries),
+    )

@@ -1,0 +1,211 @@
+"""A per-layer latency lookup table: predict a network as stem + sum(blocks) + head.
+
+Each distinct layer configuration (channels, kernel, expansion, SE,
+activation, stride, input size) is measured once per device and settings, and
+cached on disk. A linear calibration ``a * sum + b`` fitted on a few whole
+networks absorbs what isolated layers miss (inter-layer caching, launch gaps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from nas.latency.measure import LatencySettings, measure_module
+from nas.models.blocks import batch_norm, make_divisible
+from nas.models.builder import ResolvedBlock, make_block, make_classifier, make_head_conv, make_stem, resolve_blocks
+from nas.space import Arch, BlockSpec, Space
+
+
+@dataclass(frozen=True)
+class Component:
+    """One measurable piece of a network: its table key, how to build it, and its input shape (no batch)."""
+
+    key: str
+    make: Callable[[], nn.Module] = field(compare=False)
+    input_shape: tuple[int, int, int]
+
+
+def _out_size(size: int, stride: int) -> int:
+    return math.ceil(size / stride)  # odd kernels with padding k // 2
+
+
+def _stem(arch: Arch) -> Component:
+    c = make_divisible(arch.stem_channels * arch.width)
+    key = f"stem|c{c}|s{arch.stem_stride}|{arch.stem_activation}|r{arch.resolution}"
+    return Component(key, lambda: make_stem(arch, batch_norm(0.1)), (3, arch.resolution, arch.resolution))
+
+
+def _block(b: ResolvedBlock, size: int) -> Component:
+    key = (
+        f"ir|i{b.in_channels}|e{b.expanded_channels}|o{b.out_channels}|k{b.kernel}|s{b.stride}"
+        f"|{b.activation}|se{int(b.se)}|h{size}"
+    )
+    return Component(key, lambda: make_block(b, batch_norm(0.1)), (b.in_channels, size, size))
+
+
+def _head(arch: Arch, in_channels: int, size: int, num_classes: int) -> Component:
+    head = make_divisible(arch.head_channels * arch.width)
+    hidden = make_divisible(arch.classifier_channels * arch.width)
+    key = f"head|i{in_channels}|c{head}|f{hidden}|{arch.head_activation}|n{num_classes}|h{size}"
+
+    def make() -> nn.Module:
+        conv = make_head_conv(arch, in_channels, batch_norm(0.1))
+        return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), make_classifier(arch, num_classes, 0.0))
+
+    return Component(key, make, (in_channels, size, size))
+
+
+def arch_components(arch: Arch, num_classes: int) -> list[Component]:
+    """The stem, every block and the head of ``arch``, with the input size each one sees."""
+    comps = [_stem(arch)]
+    size = _out_size(arch.resolution, arch.stem_stride)
+    blocks = resolve_blocks(arch)
+    for b in blocks:
+        comps.append(_block(b, size))
+        size = _out_size(size, b.stride)
+    comps.append(_head(arch, blocks[-1].out_channels, size, num_classes))
+    return comps
+
+
+def space_components(space: Space, num_classes: int) -> list[Component]:
+    """Every distinct component any architecture of ``space`` can contain (what build-table measures)."""
+    found: dict[str, Component] = {}
+
+    def add(c: Component) -> None:
+        found.setdefault(c.key, c)
+
+    for r in space.resolution:
+        for w in space.width:
+            for sc in space.stem_channels:
+                for ss in space.stem_stride:
+                    for sa in space.stem_activation:
+                        _walk_stages(space, r, w, sc, ss, sa, num_classes, add)
+    return list(found.values())
+
+
+def _probe(r: int, w: float, stem: tuple[int, int, str], blocks: Iterable[BlockSpec], head=(64, "relu", 64)) -> Arch:
+    return Arch(r, w, stem[0], stem[1], stem[2], tuple(blocks), head[0], head[1], head[2])
+
+
+def _walk_stages(space: Space, r: int, w: float, sc: int, ss: int, sa: str, n: int, add: Callable) -> None:
+    stem = (sc, ss, sa)
+    add(_stem(_probe(r, w, stem, [BlockSpec(3, 1, 16, 1, "relu", False)])))
+    states = {(sc, _out_size(r, ss))}
+    for stage in space.stages:
+        nxt = set()
+        for base_in, size in states:
+            for ch in stage.channels:
+                for st in stage.stride:
+                    for k in stage.kernel:
+                        for e in stage.expansion:
+                            for act in stage.activation:
+                                for se in stage.se:
+                                    first = BlockSpec(k, e, ch, st, act, se)
+                                    probe = _probe(r, w, (base_in, 1, sa), [first])
+                                    add(_block(resolve_blocks(probe)[0], size))
+                                    if max(stage.depth) > 1:
+                                        later = BlockSpec(k, e, ch, 1, act, se)
+                                        probe = _probe(r, w, (ch, 1, sa), [later])
+                                        add(_block(resolve_blocks(probe)[0], _out_size(size, st)))
+                    nxt.add((ch, _out_size(size, st)))
+        states = nxt
+    for base_in, size in states:
+        for hc in space.head_channels:
+            for ha in space.head_activation:
+                for fc in space.classifier_channels:
+                    arch = Arch(r, w, sc, ss, sa, (BlockSpec(3, 1, base_in, 1, "relu", False),), hc, ha, fc)
+                    add(_head(arch, make_divisible(base_in * w), size, n))
+
+
+def table_id(settings: LatencySettings) -> str:
+    fields = settings.key_fields()
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{settings.device}-b{settings.batch_size}-{settings.effective_mode}-{digest}"
+
+
+class LatencyTable:
+    """Layer latencies for one device and settings, persisted as JSON; missing entries are measured on demand."""
+
+    def __init__(self, settings: LatencySettings, directory: str | Path) -> None:
+        self.settings = settings
+        self.path = Path(directory) / f"table-{table_id(settings)}.json"
+        self.entries: dict[str, float] = {}
+        self.calibration: tuple[float, float] | None = None
+        self.calibration_networks = 0
+        self.measured = 0  # components measured by this object (0 when everything came from the cache)
+        self._load()
+
+    def _load(self) -> None:
+        if self.path.is_file():
+            blob = json.loads(self.path.read_text())
+            if blob.get("settings") == self.settings.key_fields():
+                self.entries = {k: float(v) for k, v in blob["entries"].items()}
+                cal = blob.get("calibration")
+                self.calibration = (cal["a"], cal["b"]) if cal else None
+                self.calibration_networks = int(cal.get("networks", 0)) if cal else 0
+
+    def save(self) -> None:
+        """Merge with what is on disk (another worker may have added entries) and replace atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = LatencyTable.__new__(LatencyTable)
+        on_disk.settings, on_disk.path, on_disk.entries = self.settings, self.path, {}
+        on_disk.calibration, on_disk.calibration_networks = None, 0
+        on_disk._load()
+        entries = {**on_disk.entries, **self.entries}
+        if self.calibration is None:
+            self.calibration, self.calibration_networks = on_disk.calibration, on_disk.calibration_networks
+        cal = self.calibration
+        blob = {
+            "settings": self.settings.key_fields(),
+            "entries": dict(sorted(entries.items())),
+            "calibration": {"a": cal[0], "b": cal[1], "networks": self.calibration_networks} if cal else None,
+        }
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(blob, indent=1))
+        tmp.replace(self.path)
+
+    def ensure(self, components: Iterable[Component], progress: Callable[[int, int], None] | None = None) -> int:
+        """Measure every component not yet in the table; returns how many were measured."""
+        todo = [c for c in components if c.key not in self.entries]
+        for i, comp in enumerate(todo):
+            shape = (self.settings.batch_size, *comp.input_shape)
+            self.entries[comp.key] = measure_module(comp.make(), shape, self.settings).median_ms
+            self.measured += 1
+            if progress:
+                progress(i + 1, len(todo))
+        if todo:
+            self.save()
+        return len(todo)
+
+    def raw_sum(self, arch: Arch, num_classes: int) -> float:
+        comps = arch_components(arch, num_classes)
+        if any(c.key not in self.entries for c in comps):
+            self.ensure(comps)
+        return sum(self.entries[c.key] for c in comps)
+
+    def predict(self, arch: Arch, num_classes: int) -> float:
+        total = self.raw_sum(arch, num_classes)
+        if self.calibration is None:
+            return total
+        a, b = self.calibration
+        return a * total + b
+
+    def calibrate(self, raw_sums: list[float], measured: list[float]) -> tuple[float, float]:
+        """Least-squares fit of measured whole-network latency on the table's raw sums."""
+        if len(raw_sums) >= 2 and np.ptp(raw_sums) > 0:
+            a, b = np.polyfit(np.asarray(raw_sums), np.asarray(measured), 1)
+            self.calibration = (float(a), float(b))
+        elif raw_sums:
+            self.calibration = (float(np.mean(measured) / np.mean(raw_sums)), 0.0)
+        self.calibration_networks = len(raw_sums)
+        self.save()
+        return self.calibration or (1.0, 0.0)

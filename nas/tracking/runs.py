@@ -1,0 +1,67 @@
+"""Connecting to MLflow and the runs that are not trials (latency reports)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from nas.errors import NasError
+
+
+def _check_reachable(uri: str) -> None:
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise NasError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
+            f"(mlflow server --host 127.0.0.1 --port 5000) or use the embedded default "
+            f"mlflow.tracking_uri=sqlite:///outputs/mlflow.db"
+        ) from None
+
+
+def connect(cfg: DictConfig) -> MlflowClient:
+    """Point MLflow at ``cfg.tracking_uri``: make an embedded store's folder, fail fast when a server is down."""
+    uri = str(cfg.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Get or create an experiment; tolerates another worker creating it at the same moment."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_location:
+        location = Path(artifact_location).resolve().as_uri() if "://" not in artifact_location else artifact_location
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_latency_report(cfg: DictConfig, report: Any) -> str:
+    """The fidelity report as a run of the ``latency-fidelity`` experiment; returns the run id."""
+    client = connect(cfg.mlflow)
+    exp = experiment_id(client, "latency-fidelity", cfg.mlflow.artifact_location)
+    data = report.as_dict()
+    with mlflow.start_run(experiment_id=exp, run_name=f"{report.space}-{report.settings['device']}") as run:
+        mlflow.log_params({f"latency.{k}": v for k, v in report.settings.items()})
+        mlflow.log_params({"space": report.space, "n": report.n})
+        mlflow.log_metrics({k: float(v) for k, v in data.items() if isinstance(v, int | float) and k != "n"})
+        mlflow.log_dict(data, "latency_fidelity.json")
+    return run.info.run_id

@@ -1,0 +1,114 @@
+"""Latency: measurement, the per-layer lookup table, its cache key, and the CLI report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nas.latency.estimator import MeasuredLatency, TableLatency, measure_arch
+from nas.latency.measure import LatencySettings, measure_module
+from nas.latency.table import LatencyTable, arch_components, space_components, table_id
+from nas.space import decode, load_space, reference
+from tests.conftest import TINY_ARCH, subprocess_env
+
+FAST = LatencySettings(device="cpu", batch_size=1, threads=1, warmup=3, repeats=10)
+
+
+def test_measurement_is_positive_and_repeatable():
+    arch = reference("mobilenet_v3_small", resolution=64, stem_stride=1, first_stride2_as_1=1)
+    medians = [measure_arch(arch, 10, LatencySettings(device="cpu", warmup=5, repeats=20)).median_ms for _ in range(3)]
+    assert all(m > 0 for m in medians)
+    # A noisy 2-core machine: repeats of the same network agree within 35% of each other.
+    assert max(medians) / min(medians) < 1.35
+    stats = measure_module(torch.nn.Conv2d(3, 8, 3), (1, 3, 16, 16), FAST)
+    assert stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.samples == 10 and stats.cv >= 0
+
+
+def test_bigger_network_measures_slower():
+    small = decode(TINY_ARCH)
+    big = reference("mobilenet_v3_large", resolution=64, stem_stride=1)
+    est = MeasuredLatency(LatencySettings(device="cpu", warmup=3, repeats=15), 10)
+    assert est.latency_ms(big) > 3 * est.latency_ms(small)
+
+
+def test_table_is_built_cached_and_reread(tmp_path, tiny_space):
+    space = load_space(tiny_space)
+    comps = space_components(space, 10)
+    table = LatencyTable(FAST, tmp_path)
+    assert table.ensure(comps) == len(comps) > 0
+    assert table.path.is_file()
+    again = LatencyTable(FAST, tmp_path)
+    assert again.ensure(comps) == 0 and again.measured == 0
+    assert again.entries == table.entries
+    # Every layer of every sampled network is in the enumerated table: prediction measures nothing new.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        again.predict(space.sample(rng), 10)
+    assert again.measured == 0
+
+
+def test_single_block_prediction_is_stem_plus_block_plus_head(tmp_path):
+    arch = decode("nas1-r16-w1-stem_c16_s1_hs-k5_e3_c24_s2_hs_se-head_c64_hs-fc_c64")
+    table = LatencyTable(FAST, tmp_path)
+    comps = arch_components(arch, 10)
+    assert [c.key.split("|")[0] for c in comps] == ["stem", "ir", "head"]
+    table.ensure(comps)
+    stem, block, head = (table.entries[c.key] for c in comps)
+    assert table.predict(arch, 10) == pytest.approx(stem + block + head)
+    table.calibrate([1.0, 2.0, 3.0], [2.5, 4.5, 6.5])  # measured = 2 * sum + 0.5
+    assert table.calibration == pytest.approx((2.0, 0.5))
+    assert TableLatency(table, 10).latency_ms(arch) == pytest.approx(2 * (stem + block + head) + 0.5)
+    assert LatencyTable(FAST, tmp_path).calibration == pytest.approx((2.0, 0.5))  # persisted
+
+
+def test_cache_key_changes_with_device_batch_and_mode(monkeypatch):
+    base = table_id(LatencySettings(device="cpu", batch_size=1))
+    assert table_id(LatencySettings(device="cpu", batch_size=8)) != base
+    assert table_id(LatencySettings(device="cpu", batch_size=1, threads=2)) != base
+    assert LatencySettings(device="cpu").key_fields()["torch"] == torch.__version__
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    graph = table_id(LatencySettings(device="cuda", mode="cudagraph"))
+    eager = table_id(LatencySettings(device="cuda", mode="eager"))
+    assert len({base, graph, eager}) == 3
+
+
+def test_settings_reject_bad_values():
+    from nas.errors import NasError
+
+    with pytest.raises(NasError, match=r"latency\.mode='fast' is not one of cudagraph, eager"):
+        LatencySettings(mode="fast")
+    with pytest.raises(NasError, match=r"latency\.device='tpu'"):
+        LatencySettings(device="tpu")
+
+
+def test_cli_build_table_and_validate(tmp_path, tiny_space):
+    common = [f"+space={tiny_space}", "latency.device=cpu", "latency.repeats=5", "latency.warmup=2",
+              "latency.calibrate=3", "mlflow.tracking_uri=sqlite:///outputs/mlflow.db"]  # fmt: skip
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "nas.latency", *a, *common], capture_output=True, text=True, cwd=tmp_path,
+        env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    first = run("build-table")
+    assert first.returncode == 0, first.stderr
+    assert "from cache" in first.stdout and "calibration a=" in first.stdout
+    second = run("build-table")
+    assert "(0 measured now" in second.stdout
+    report = run("validate", "n=6")
+    assert report.returncode == 0, report.stderr
+    assert "Spearman rank correlation" in report.stdout and "mean absolute percentage error" in report.stdout
+    files = list((tmp_path / "outputs" / "latency").glob("validate-tiny-*.json"))
+    data = json.loads(files[0].read_text())
+    assert data["n"] == 6 and -1 <= data["spearman"] <= 1 and data["speedup"] > 1
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("latency-fidelity").experiment_id])
+    assert len(runs) == 1 and "spearman" in runs[0].data.metrics
+    usage = subprocess.run([sys.executable, "-m", "nas.latency"], capture_output=True, text=True, cwd=tmp_path)
+    assert usage.returncode == 2 and "build-table" in usage.stderr
