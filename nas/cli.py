@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,16 @@ EXIT_USER_ERROR = 2
 
 def quiet_libraries() -> None:
     """Lightning's and MLflow's info banners drown the one line per trial that matters."""
-    import mlflow  # noqa: F401  (configures its loggers on import; set levels after that)
+    # Both configure their loggers on import: set levels after that.
+    import lightning.pytorch  # noqa: F401
+    import mlflow  # noqa: F401
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")

@@ -88,12 +88,22 @@ def test_settings_reject_bad_values():
 
 
 def test_cli_build_table_and_validate(tmp_path, tiny_space):
-    common = [f"+space={tiny_space}", "latency.device=cpu", "latency.repeats=5", "latency.warmup=2",
-              "latency.calibrate=3", "mlflow.tracking_uri=sqlite:///outputs/mlflow.db"]  # fmt: skip
+    common = [
+        f"+space={tiny_space}",
+        "latency.device=cpu",
+        "latency.repeats=5",
+        "latency.warmup=2",
+        "latency.calibrate=3",
+        "mlflow.tracking_uri=sqlite:///outputs/mlflow.db",
+    ]
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "nas.latency", *a, *common], capture_output=True, text=True, cwd=tmp_path,
-        env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "nas.latency", *a, *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=300,
+    )
     first = run("build-table")
     assert first.returncode == 0, first.stderr
     assert "from cache" in first.stdout and "calibration a=" in first.stdout

@@ -58,9 +58,13 @@ class FidelityReport:
 
 
 def build_table(
-    space: Space, table: LatencyTable, num_classes: int, calibrate: int, seed: int,
+    space: Space,
+    table: LatencyTable,
+    num_classes: int,
+    calibrate: int,
+    seed: int,
     progress: Callable[[int, int], None] | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Measure every layer the space can produce, then calibrate on ``calibrate`` whole networks."""
     measured = table.ensure(space_components(space, num_classes), progress)
     if calibrate > 0 and (measured or table.calibration is None):

@@ -30,7 +30,10 @@ def connect(cfg: DictConfig) -> MlflowClient:
     """Point MLflow at ``cfg.tracking_uri``: make an embedded store's folder, fail fast when a server is down."""
     uri = str(cfg.tracking_uri)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Absolute: MLflow caches one store per URI, and a relative path would follow the working directory.
+        path = Path(uri.removeprefix("sqlite:///")).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
     elif uri.startswith(("http://", "https://")):
         _check_reachable(uri)
     mlflow.set_tracking_uri(uri)

@@ -40,6 +40,7 @@ class ClassifierModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         dropout: float = 0.2,
         bn_momentum: float = 0.1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         arch_text = arch.encode() if isinstance(arch, Arch) else arch
@@ -59,31 +60,40 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.weight_decay = weight_decay
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._all_finite: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x.contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         loss = self.criterion(logits, y)
         self.train_acc.update(logits.detach(), y)
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        # Accumulated on the device: one host sync per epoch, not per step.
+        finite = torch.isfinite(loss.detach())
+        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self.log("train_acc", self.train_acc.compute())
-        self.train_acc.reset()
-        loss = self.trainer.callback_metrics.get("train_loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss is {loss.item()} after epoch {self.current_epoch}")
+    def on_train_epoch_start(self) -> None:
+        self._all_finite: torch.Tensor | None = None
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation runs inside the training epoch: stop before evaluating a diverged network.
+        if self._all_finite is not None and not bool(self._all_finite):
+            raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits = self(x)
         self.log(f"{prefix}_loss", self.criterion(logits, y), on_step=False, on_epoch=True)
         metric.update(logits, y)
         self.log(f"{prefix}_acc", metric, on_step=False, on_epoch=True)

@@ -1,0 +1,149 @@
+"""One trial: sample, check the latency constraint, train, report; every outcome recorded with its reason."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from omegaconf import DictConfig
+from optuna_integration import PyTorchLightningPruningCallback
+
+from nas.data import TensorImageDataModule
+from nas.data.sources import ImageSplits
+from nas.latency.estimator import LatencyEstimator
+from nas.models import cost
+from nas.search.hparams import apply_hparams, sample_hparams
+from nas.search.study import is_multi_objective
+from nas.space import Arch, Space, decode
+from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker
+from nas.train.module import NonFiniteLossError
+from nas.train.run import make_datamodule, train_arch
+
+CONSTRAINT_KEY = "latency_ms_over_budget"
+
+
+class TrialFailed(Exception):
+    """A trial that could not finish (OOM, NaN loss, unbuildable network): Optuna records FAIL and goes on."""
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    state: str  # complete | pruned | infeasible | failed
+    val_acc: float | None
+    latency_ms: float | None
+    params: int | None
+    arch: str | None
+    seconds: float
+    reason: str | None = None
+    reference: str | None = None
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory: {str(exc).splitlines()[0][:300]}"
+    if isinstance(exc, NonFiniteLossError):
+        return f"non-finite loss: {exc}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+@dataclass
+class Objective:
+    """Callable for ``study.optimize``; holds what is shared across trials (data, latency estimator)."""
+
+    cfg: DictConfig
+    space: Space
+    splits: ImageSplits
+    estimator: LatencyEstimator
+    tracker: StudyTracker
+    num_classes: int
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+    _datamodules: dict[int, TensorImageDataModule] = field(default_factory=dict)
+
+    def datamodule(self, cfg: DictConfig, resolution: int) -> TensorImageDataModule:
+        """One per resolution, built once: decoding and device transfer are not a per-trial cost."""
+        if resolution not in self._datamodules:
+            self._datamodules[resolution] = make_datamodule(cfg, self.splits, resolution)
+        dm = self._datamodules[resolution]
+        dm.batch_size = int(cfg.train.batch_size)
+        return dm
+
+    def _arch_and_cfg(self, trial: optuna.Trial) -> tuple[Arch, DictConfig, str | None]:
+        reference = trial.user_attrs.get("reference")
+        if reference is not None:  # an enqueued yardstick: its own arch, the default recipe
+            return decode(trial.user_attrs["arch"]), self.cfg, reference
+        arch = self.space.sample(trial)
+        hparams = sample_hparams(trial, self.cfg.search.hparams)
+        return arch, apply_hparams(self.cfg, hparams), None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        t0 = time.perf_counter()
+        multi = is_multi_objective(self.cfg)
+        budget = self.cfg.latency.budget_ms
+        hard = budget is not None and self.cfg.search.objective == "accuracy"
+        arch, cfg, reference = self._arch_and_cfg(trial)
+        text = arch.encode()
+        trial.set_user_attr("arch", text)
+        c = cost(arch, self.num_classes)
+        latency = self.estimator.latency_ms(arch)
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("params", c.params)
+        trial.set_user_attr("flops", c.flops)
+        if budget is not None:
+            trial.set_constraint(CONSTRAINT_KEY, latency - float(budget))
+        run_id = self.tracker.start_trial(
+            trial.number,
+            {"arch": text, **trial.params, **({"reference": reference} if reference else {})},
+            {"nas.reference": reference} if reference else {},
+        )
+        self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": c.params, "flops": c.flops})
+        outcome = TrialOutcome(trial.number, "complete", None, latency, c.params, text, 0.0, reference=reference)
+        try:
+            if hard and latency > budget:
+                outcome.state = "infeasible"
+                trial.set_user_attr("state", "infeasible")
+                self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
+                return (0.0, latency) if multi else 0.0
+            callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id)]
+            if not multi and self.cfg.search.pruner != "none":
+                callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val_acc"))
+            dm = self.datamodule(cfg, arch.resolution)
+            result = train_arch(cfg, arch, dm, callbacks=callbacks)
+            outcome.val_acc = result.val_acc
+            trial.set_user_attr("state", "complete")
+            trial.set_user_attr("val_acc", result.val_acc)
+            self.tracker.log_metrics(run_id, {"val_acc": result.val_acc, "val_loss": result.val_loss})
+            self.tracker.end_trial(run_id, "complete", "FINISHED")
+            if multi:
+                return result.val_acc, latency
+            if self.cfg.search.objective == "mnas":
+                return result.val_acc * (latency / float(budget)) ** float(self.cfg.search.mnas_exponent)
+            return result.val_acc
+        except optuna.TrialPruned:
+            outcome.state = "pruned"
+            trial.set_user_attr("state", "pruned")
+            self.tracker.end_trial(run_id, "pruned", "FINISHED")
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            outcome.state, outcome.reason = "failed", "interrupted"
+            trial.set_user_attr("state", "failed")
+            trial.set_user_attr("fail_reason", "interrupted")
+            self.tracker.end_trial(run_id, "failed", "KILLED", "interrupted (SIGINT/SIGTERM)")
+            raise
+        except Exception as exc:
+            reason = failure_reason(exc)
+            outcome.state, outcome.reason = "failed", reason
+            trial.set_user_attr("state", "failed")
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.end_trial(run_id, "failed", "FAILED", reason)
+            raise TrialFailed(reason) from exc
+        finally:
+            outcome.seconds = time.perf_counter() - t0
+            self.outcomes.append(outcome)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,206 @@
+"""The search loop: open the study and its MLflow parent run, run trials until ``trials`` have finished."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from nas.errors import NasError
+from nas.latency.estimator import make_estimator
+from nas.latency.table import LatencyTable
+from nas.search.console import ranked, state_counts, summary_table, trial_line
+from nas.search.hparams import validate_hparams
+from nas.search.objective import Objective, TrialFailed
+from nas.search.study import (
+    check_search_cfg,
+    count_finished,
+    enqueue_references,
+    is_multi_objective,
+    mask_url,
+    open_study,
+    study_identity,
+)
+from nas.space import Space, list_spaces, load_space
+from nas.tracking.runs import connect
+from nas.tracking.trials import StudyTracker, flatten_config
+from nas.train.run import load_splits
+
+EXIT_NO_FEASIBLE = 3
+EXIT_TOO_MANY_FAILURES = 4
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    tracker: StudyTracker
+    exit_code: int
+    message: str
+
+
+def parse_trials(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise NasError(f"trials={value!r} must be a whole number >= 0 (trials finished in the study, e.g. trials=200)")
+    return value
+
+
+def require_space(cfg: DictConfig) -> Space:
+    if "space" not in cfg or not cfg.space:
+        names = ", ".join(sorted(list_spaces())) or "none found"
+        raise NasError(f"choose a search space with +space=NAME; available in search_spaces/: {names}")
+    return load_space(cfg.space)
+
+
+def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any) -> None:
+    """Refuse a budget that not even the space's cheapest network meets, before any trial runs."""
+    budget = cfg.latency.budget_ms
+    if budget is None or cfg.search.objective != "accuracy" or not cfg.search.precheck_budget:
+        return
+    cheapest = space.extreme("min")
+    latency = estimator.latency_ms(cheapest)
+    if latency > budget:
+        raise NasError(
+            f"latency.budget_ms={budget} cannot be met: the cheapest network of space {space.name} takes "
+            f"{latency:.4f} ms on {estimator.settings.device_name()} (batch {estimator.settings.batch_size}). "
+            f"Raise latency.budget_ms above {latency:.4f}, or use a smaller space"
+        )
+
+
+def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
+    params = flatten_config(cfg)
+    params["study.storage"] = mask_url(str(cfg.study.storage))
+    params["space.file"] = str(space.path)
+    return params
+
+
+def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped: str | None) -> SearchResult:
+    counts = state_counts(study)
+    best = ranked(study)
+    lines = [
+        "",
+        f"study {study.study_name}: {counts['complete']} complete, {counts['infeasible']} infeasible, "
+        f"{counts['pruned']} pruned, {counts['failed']} failed",
+    ]
+    if tracker.parent_run_id:
+        tracker.log_metrics(tracker.parent_run_id, {f"n_{k}": v for k, v in counts.items()})
+    if best:
+        lines += ["best trials (feasible, by validation accuracy):", summary_table(best)]
+        top = [
+            {
+                "trial": t.number,
+                **{k: t.user_attrs.get(k) for k in ("arch", "val_acc", "latency_ms", "params", "flops", "reference")},
+                "params_sampled": t.params,
+            }
+            for t in best[:5]
+        ]
+        tracker.log_parent_dict({"study": study.study_name, "best": top}, "best/best_trials.json")
+        tracker.log_parent_dict({"study": study.study_name, "best": top}, "best/best_trials.yaml")
+        tracker.log_parent_text(best[0].user_attrs["arch"], "best/best_arch.txt")
+        if tracker.parent_run_id:
+            tracker.log_metrics(
+                tracker.parent_run_id,
+                {"best_val_acc": best[0].user_attrs["val_acc"], "best_latency_ms": best[0].user_attrs["latency_ms"]},
+            )
+    if is_multi_objective(cfg):
+        front = [t for t in study.best_trials if t.user_attrs.get("state") == "complete"]
+        front.sort(key=lambda t: t.values[1])
+        table = {
+            "trial": [t.number for t in front],
+            "val_acc": [t.values[0] for t in front],
+            "latency_ms": [t.values[1] for t in front],
+            "params": [t.user_attrs["params"] for t in front],
+            "arch": [t.user_attrs["arch"] for t in front],
+        }
+        if tracker.parent_run_id:
+            tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
+        lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, limit=len(front))]
+    code, message = 0, ""
+    if not best and counts["infeasible"] and cfg.latency.budget_ms is not None:
+        fastest = min(
+            t.user_attrs["latency_ms"] for t in study.get_trials(deepcopy=False) if "latency_ms" in t.user_attrs
+        )
+        code = EXIT_NO_FEASIBLE
+        message = (
+            f"no architecture met the latency budget of {cfg.latency.budget_ms} ms: {counts['infeasible']} trials "
+            f"were over it (fastest {fastest:.4f} ms). Raise latency.budget_ms or use a smaller space"
+        )
+    if stopped:
+        code, message = EXIT_TOO_MANY_FAILURES, stopped
+    uri = str(cfg.mlflow.tracking_uri)
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    lines += [
+        "",
+        f"compare runs:  {ui}   (experiment '{cfg.mlflow.experiment or study.study_name}')",
+        f"retrain best:  python -m nas.retrain study.name={study.study_name}",
+    ]
+    tracker.close_parent("FAILED" if code else "FINISHED")
+    print("\n".join(lines), flush=True)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return SearchResult(study, tracker, code, message)
+
+
+def run_search(cfg: DictConfig) -> SearchResult:
+    target = parse_trials(cfg.trials)
+    check_search_cfg(cfg)
+    space = require_space(cfg)
+    validate_hparams(cfg.search.hparams, cfg)
+    client = connect(cfg.mlflow)  # fails fast on an unreachable server, before any data is loaded
+    splits = load_splits(cfg.data)
+    num_classes = len(splits.classes)
+    estimator = make_estimator(cfg.latency, num_classes)
+    if isinstance(getattr(estimator, "table", None), LatencyTable):
+        from nas.latency.fidelity import build_table
+
+        build_table(space, estimator.table, num_classes, int(cfg.latency.calibrate), int(cfg.seed))
+    _precheck_budget(cfg, space, estimator)
+    identity = study_identity(cfg, space, estimator.settings.key_fields())
+    study, created = open_study(cfg, space, identity)
+    tracker = StudyTracker(client, cfg, study.study_name)
+    worker = cfg.search.role == "worker"
+    if worker:
+        tracker.join_parent(study)
+    else:
+        tracker.open_parent(study, _study_params(cfg, space), space.path)
+        if created and cfg.search.enqueue_references:
+            enqueue_references(study, space)
+    optuna.storages.fail_stale_trials(study)
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    tracker.close_stale_runs(running)
+    objective = Objective(cfg, space, splits, estimator, tracker, num_classes)
+    done = count_finished(study)
+    print(
+        f"study {study.study_name} ({'new' if created else 'resumed'}, {done}/{target} trials finished) on "
+        f"{mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
+        f"latency on {estimator.settings.device_name()}"
+        + (f", budget {cfg.latency.budget_ms} ms" if cfg.latency.budget_ms is not None else ""),
+        flush=True,
+    )
+    failures, stopped = 0, None
+    max_failures = int(cfg.search.max_consecutive_failures)
+
+    def report(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        best = ranked(study)
+        print(trial_line(objective.outcomes[-1], count_finished(study), target, best[0] if best else None), flush=True)
+
+    while True:
+        finished = count_finished(study)
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished + running >= target:
+            break
+        if failures >= max_failures:
+            reasons = "; ".join(sorted({o.reason or "" for o in objective.outcomes[-failures:]}))
+            stopped = (
+                f"stopped after {failures} consecutive failed trials (search.max_consecutive_failures="
+                f"{max_failures}): {reasons}"
+            )
+            break
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False)
+        failures = failures + 1 if objective.outcomes and objective.outcomes[-1].state == "failed" else 0
+    if worker:
+        return SearchResult(study, tracker, 0, "")
+    return _finish(study, tracker, cfg, stopped)

@@ -1,0 +1,168 @@
+"""MLflow runs of a study: one parent run, one nested run per trial, per-epoch metrics from Lightning.
+
+MLflow's client and Optuna's storage are the sources of truth; the parent
+run's id is kept in the study's user attributes so resumed runs and extra
+workers log under the same parent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from omegaconf import DictConfig, OmegaConf
+
+from nas.tracking.runs import experiment_id
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+PARENT_ATTR = "mlflow_parent_run_id"
+MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _params(values: Mapping[str, Any]) -> list[Param]:
+    return [Param(str(k), str(v)[:MAX_PARAM]) for k, v in values.items()]
+
+
+def flatten_config(cfg: DictConfig, hide: tuple[str, ...] = ("study.storage",)) -> dict[str, Any]:
+    """Dotted keys of the resolved config; secrets (the storage URL) are left to the caller to mask."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif prefix not in hide:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+class EpochMetricsToMlflow(pl.Callback):
+    """Logs train/val loss and accuracy once per epoch (step = epoch) to the trial's run."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now, epoch = _now_ms(), trainer.current_epoch
+        metrics = [
+            Metric(k, float(trainer.callback_metrics[k]), now, epoch)
+            for k in EPOCH_METRICS
+            if k in trainer.callback_metrics
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+
+
+class StudyTracker:
+    """The MLflow side of one study."""
+
+    def __init__(self, client: MlflowClient, cfg: DictConfig, study_name: str) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.study_name = study_name
+        self.experiment_id = experiment_id(
+            client, cfg.mlflow.experiment or study_name, cfg.mlflow.get("artifact_location")
+        )
+        self.parent_run_id: str | None = None
+
+    # -- the study's parent run -------------------------------------------------------------
+    def open_parent(self, study: Any, params: Mapping[str, Any], space_file: Path | None) -> str:
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.study_name,
+                tags={"nas.study": self.study_name, "nas.kind": "study"},
+            )
+            run_id = run.info.run_id
+            study.set_user_attr(PARENT_ATTR, run_id)
+            self.client.log_batch(run_id, params=_params(params))
+            if space_file is not None:
+                self.client.log_artifact(run_id, str(space_file), "space")
+        self.parent_run_id = run_id
+        return run_id
+
+    def join_parent(self, study: Any) -> str | None:
+        """Workers log under the parent that the main process created."""
+        self.parent_run_id = study.user_attrs.get(PARENT_ATTR)
+        return self.parent_run_id
+
+    def close_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    def log_parent_dict(self, data: Any, artifact_file: str) -> None:
+        if self.parent_run_id:
+            self.client.log_dict(self.parent_run_id, data, artifact_file)
+
+    def log_parent_text(self, text: str, artifact_file: str) -> None:
+        if self.parent_run_id:
+            self.client.log_text(self.parent_run_id, text, artifact_file)
+
+    def log_parent_file(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.parent_run_id:
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
+
+    # -- one trial ------------------------------------------------------------------------------
+    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        all_tags = {
+            "nas.study": self.study_name,
+            "nas.kind": "trial",
+            "optuna.trial_number": str(number),
+            "nas.state": "running",
+            **tags,
+        }
+        if self.parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=all_tags)
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = _now_ms()
+        clean = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        if clean:
+            self.client.log_batch(run_id, metrics=clean)
+
+    def end_trial(self, run_id: str, state: str, status: str, reason: str | None = None) -> None:
+        tags = [RunTag("nas.state", state)]
+        if reason:
+            tags.append(RunTag("nas.fail_reason", reason[:5000]))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=status)
+
+    def trial_runs(self) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`nas.study` = '{self.study_name}' and tags.`nas.kind` = 'trial'"
+        )
+
+    def close_stale_runs(self, running_trial_numbers: set[int]) -> int:
+        """End trial runs left RUNNING by a killed process (their Optuna trial is no longer running)."""
+        closed = 0
+        for run in self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`nas.study` = '{self.study_name}' and attributes.status = 'RUNNING'",
+        ):
+            if run.data.tags.get("nas.kind") != "trial":
+                continue
+            if int(run.data.tags.get("optuna.trial_number", -1)) in running_trial_numbers:
+                continue
+            self.end_trial(run.info.run_id, "killed", "KILLED", "the process running this trial was killed")
+            closed += 1
+        return closed

@@ -1,0 +1,269 @@
+"""The search: Optuna study + MLflow runs, resumption, latency constraint, samplers and pruning."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nas.errors import NasError
+from nas.search.runner import EXIT_NO_FEASIBLE, run_search
+from nas.search.study import mask_url
+from tests.conftest import compose_cfg, subprocess_env
+
+FAST = (
+    "data=digits",
+    "train.epochs=1",
+    "data.repeat=1",
+    "train.batch_size=64",
+    "latency.device=cpu",
+    "latency.repeats=5",
+    "latency.warmup=2",
+)
+
+
+def cfg_for(space, *extra):
+    return compose_cfg(f"+space={space}", *FAST, *extra)
+
+
+def client() -> MlflowClient:
+    return MlflowClient(f"sqlite:///{Path.cwd()}/outputs/mlflow.db")
+
+
+def runs_of(study: str):
+    c = client()
+    exp = c.get_experiment_by_name(study)
+    return c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space, capsys):
+    result = run_search(cfg_for(tiny_space, "trials=4"))
+    assert result.exit_code == 0
+    runs = runs_of("tiny-digits")
+    parents = [r for r in runs if r.data.tags.get("nas.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("nas.kind") == "trial"]
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.sampler"] == "tpe" and "latency.budget_ms" in parent.data.params
+    c = client()
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "best")}
+    assert {"best/best_trials.json", "best/best_trials.yaml", "best/best_arch.txt"} <= artifacts
+    assert [a.path for a in c.list_artifacts(parent.info.run_id, "space")] == ["space/tiny.yaml"]
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["nas.state"] == "complete" and run.info.status == "FINISHED"
+        assert run.data.params["arch"].startswith("nas1-r16-")
+        assert {"width", "train.optimizer.lr", "train.weight_decay", "s0.depth"} <= set(run.data.params)
+        assert {"val_acc", "latency_ms", "params", "flops", "train_loss", "val_loss"} <= set(run.data.metrics)
+        history = c.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history].count(0) >= 1  # per-epoch metric, step = epoch
+    out = capsys.readouterr().out
+    assert out.count("] trial ") == 4 and "[4/4]" in out
+    assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db" in out
+    assert "python -m nas.retrain study.name=tiny-digits" in out
+
+    # Same command again: nothing to do.
+    run_search(cfg_for(tiny_space, "trials=4"))
+    assert len(optuna.load_study(study_name="tiny-digits", storage="sqlite:///outputs/optuna.db").trials) == 4
+    # trials=6 adds exactly two, under the same parent run.
+    run_search(cfg_for(tiny_space, "trials=6"))
+    study = optuna.load_study(study_name="tiny-digits", storage="sqlite:///outputs/optuna.db")
+    assert len(study.trials) == 6
+    runs = runs_of("tiny-digits")
+    assert sum(r.data.tags.get("nas.kind") == "study" for r in runs) == 1
+    assert sum(r.data.tags.get("nas.kind") == "trial" for r in runs) == 6
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if r.data.tags["nas.kind"] == "trial") == list(
+        range(6)
+    )
+
+
+def test_seeded_studies_sample_the_same_architectures(in_tmp, tiny_space):
+    a = run_search(cfg_for(tiny_space, "trials=3", "study.name=a", "search.sampler=random"))
+    b = run_search(cfg_for(tiny_space, "trials=3", "study.name=b", "search.sampler=random"))
+    arch = lambda r: [t.user_attrs["arch"] for t in r.study.trials]  # noqa: E731
+    assert arch(a) == arch(b)
+    c = run_search(cfg_for(tiny_space, "trials=3", "study.name=c", "search.sampler=random", "seed=1"))
+    assert arch(c) != arch(a)
+
+
+def test_infeasible_budget_records_without_training(in_tmp, tiny_space, capsys):
+    result = run_search(cfg_for(tiny_space, "trials=3", "latency.budget_ms=0.0001", "search.precheck_budget=false"))
+    assert result.exit_code == EXIT_NO_FEASIBLE
+    assert "no architecture met the latency budget of 0.0001 ms: 3 trials were over it" in result.message
+    for t in result.study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        assert t.user_attrs["state"] == "infeasible" and t.constraints["latency_ms_over_budget"] > 0
+        assert "val_acc" not in t.user_attrs
+    trials = [r for r in runs_of("tiny-digits") if r.data.tags.get("nas.kind") == "trial"]
+    assert len(trials) == 3
+    for run in trials:
+        assert run.data.tags["nas.state"] == "infeasible"
+        assert "latency_ms" in run.data.metrics and "val_acc" not in run.data.metrics
+        assert "train_loss" not in run.data.metrics  # never trained
+    assert "error: no architecture met the latency budget" in capsys.readouterr().err
+
+
+def test_unreachable_budget_is_refused_up_front(in_tmp, tiny_space):
+    with pytest.raises(NasError, match=r"latency.budget_ms=0.0001 cannot be met: the cheapest network of space tiny"):
+        run_search(cfg_for(tiny_space, "trials=3", "latency.budget_ms=0.0001"))
+
+
+def test_constraint_splits_feasible_and_infeasible(in_tmp, tiny_space):
+    budget = 0.9  # between the tiny space's cheapest (~0.5 ms) and dearest (~1.5 ms) networks on this CPU
+    result = run_search(cfg_for(tiny_space, "trials=6", f"latency.budget_ms={budget}", "search.sampler=random"))
+    for t in result.study.trials:
+        over = t.user_attrs["latency_ms"] > budget
+        assert (t.user_attrs["state"] == "infeasible") == over
+        assert t.constraints["latency_ms_over_budget"] == pytest.approx(t.user_attrs["latency_ms"] - budget)
+
+
+def test_nsga2_produces_a_pareto_front(in_tmp, tiny_space, capsys):
+    result = run_search(cfg_for(tiny_space, "trials=4", "search.sampler=nsga2", "study.name=moo"))
+    assert result.exit_code == 0
+    assert result.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    front = result.study.best_trials
+    assert front
+    for t in front:  # no other trial is at least as accurate and at least as fast, and better in one
+        assert not any(
+            o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values
+            for o in result.study.trials
+        )
+    parent = next(r for r in runs_of("moo") if r.data.tags.get("nas.kind") == "study")
+    path = client().download_artifacts(parent.info.run_id, "pareto_front.json", str(in_tmp))
+    table = json.loads(Path(path).read_text())
+    assert sorted(table["data"][i][0] for i in range(len(table["data"]))) == sorted(t.number for t in front)
+    assert "Pareto front" in capsys.readouterr().out
+
+
+def test_median_pruner_prunes_a_trial_worse_than_the_rest(in_tmp, tiny_space):
+    base = cfg_for(tiny_space, "trials=0", "train.epochs=2", "search.pruner=median", "search.startup_trials=1")
+    study = run_search(base).study
+    strong = optuna.trial.create_trial(
+        value=0.99,
+        intermediate_values={0: 0.99, 1: 0.99},
+        params={},
+        distributions={},
+        user_attrs={"state": "complete", "val_acc": 0.99, "latency_ms": 1.0, "params": 1, "flops": 1, "arch": "x"},
+    )
+    study.add_trial(strong)
+    result = run_search(
+        cfg_for(tiny_space, "trials=2", "train.epochs=2", "search.pruner=median", "search.startup_trials=1")
+    )
+    last = result.study.trials[-1]
+    assert last.state == optuna.trial.TrialState.PRUNED
+    assert list(last.intermediate_values) == [0]  # stopped after the first epoch
+    run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == str(last.number))
+    assert run.data.tags["nas.state"] == "pruned"
+
+
+def test_references_run_first_as_yardsticks(in_tmp, tmp_path, tiny_space):
+    text = (
+        tiny_space.read_text() + "references:\n  - {name: mobilenet_v3_small, stem_stride: 1, first_stride2_as_1: 1}\n"
+    )
+    tiny_space.write_text(text)
+    result = run_search(cfg_for(tiny_space, "trials=2"))
+    first = result.study.trials[0]
+    assert first.user_attrs["reference"] == "mobilenet_v3_small"
+    assert first.user_attrs["arch"].startswith("nas1-r16-w1-stem_c16_s1_hs-k3_e1_c16_s1_re_se-k3_e4.5_c24_s2_re")
+    assert "reference" not in result.study.trials[1].user_attrs
+    run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == "0")
+    assert run.data.tags["nas.reference"] == "mobilenet_v3_small"
+
+
+def test_mask_url_hides_passwords():
+    assert mask_url("postgresql://nas:s3cret@db:5432/optuna") == "postgresql://nas:***@db:5432/optuna"
+    assert mask_url("sqlite:///outputs/optuna.db") == "sqlite:///outputs/optuna.db"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_search_then_mlflow_ui_lists_the_runs(tmp_path, tiny_space):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", "trials=2", *FAST],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[2/2] trial" in proc.stdout
+    assert "Traceback" not in proc.stderr and "INFO" not in proc.stdout
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            "sqlite:///outputs/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"{base}/experiments/get-by-name?experiment_name=tiny-digits", timeout=5
+                ) as r:
+                    exp = json.load(r)["experiment"]
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        body = json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 100}).encode()
+        req = urllib.request.Request(f"{base}/runs/search", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            names = sorted(run["info"]["run_name"] for run in json.load(r)["runs"])
+        assert names == ["tiny-digits", "trial-0", "trial-1"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "choose a search space with +space=NAME; available in search_spaces/: mbv3, mbv3_224, mbv3_small"),
+        (["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
+        (["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
+        (["+space=nope"], "unknown search space 'nope'"),
+        (["+space=mbv3", "search.sampler=cmaes"], "search.sampler='cmaes' is not one of tpe, nsga2, random"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.search", "data=digits", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
