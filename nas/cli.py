@@ -23,10 +23,10 @@ def quiet_libraries() -> None:
     import mlflow  # noqa: F401
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by us, without tracebacks
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic", "optuna"):
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")

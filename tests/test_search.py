@@ -87,11 +87,11 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
 
 
 def test_seeded_studies_sample_the_same_architectures(in_tmp, tiny_space):
-    a = run_search(cfg_for(tiny_space, "trials=3", "study.name=a", "search.sampler=random"))
-    b = run_search(cfg_for(tiny_space, "trials=3", "study.name=b", "search.sampler=random"))
+    a = run_search(cfg_for(tiny_space, "trials=2", "study.name=a", "search.sampler=random"))
+    b = run_search(cfg_for(tiny_space, "trials=2", "study.name=b", "search.sampler=random"))
     arch = lambda r: [t.user_attrs["arch"] for t in r.study.trials]  # noqa: E731
     assert arch(a) == arch(b)
-    c = run_search(cfg_for(tiny_space, "trials=3", "study.name=c", "search.sampler=random", "seed=1"))
+    c = run_search(cfg_for(tiny_space, "trials=2", "study.name=c", "search.sampler=random", "seed=1"))
     assert arch(c) != arch(a)
 
 
@@ -243,27 +243,3 @@ def test_cli_search_then_mlflow_ui_lists_the_runs(tmp_path, tiny_space):
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "choose a search space with +space=NAME; available in search_spaces/: mbv3, mbv3_224, mbv3_small"),
-        (["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
-        (["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
-        (["+space=nope"], "unknown search space 'nope'"),
-        (["+space=mbv3", "search.sampler=cmaes"], "search.sampler='cmaes' is not one of tpe, nsga2, random"),
-    ],
-)
-def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nas.search", "data=digits", *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr

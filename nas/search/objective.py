@@ -16,7 +16,9 @@ from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
 from nas.latency.estimator import LatencyEstimator
 from nas.models import cost
+from nas.search.faults import FaultInjection
 from nas.search.hparams import apply_hparams, sample_hparams
+from nas.search.interrupts import SearchInterrupted
 from nas.search.study import is_multi_objective
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker
@@ -109,6 +111,9 @@ class Objective:
                 self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
                 return (0.0, latency) if multi else 0.0
             callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id)]
+            fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
+            if fault:
+                callbacks.append(FaultInjection(fault))
             if not multi and self.cfg.search.pruner != "none":
                 callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val_acc"))
             dm = self.datamodule(cfg, arch.resolution)
@@ -128,12 +133,14 @@ class Objective:
             trial.set_user_attr("state", "pruned")
             self.tracker.end_trial(run_id, "pruned", "FINISHED")
             raise
-        except (KeyboardInterrupt, SystemExit):
-            outcome.state, outcome.reason = "failed", "interrupted"
+        except (SearchInterrupted, KeyboardInterrupt, SystemExit) as exc:
+            reason = str(exc) if isinstance(exc, SearchInterrupted) else "interrupted"
+            outcome.state, outcome.reason = "failed", reason
             trial.set_user_attr("state", "failed")
-            trial.set_user_attr("fail_reason", "interrupted")
-            self.tracker.end_trial(run_id, "failed", "KILLED", "interrupted (SIGINT/SIGTERM)")
-            raise
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.end_trial(run_id, "failed", "KILLED", reason)
+            # Optuna marks a trial FAIL only for Exception/KeyboardInterrupt; anything else would leave it RUNNING.
+            raise KeyboardInterrupt(reason) from exc
         except Exception as exc:
             reason = failure_reason(exc)
             outcome.state, outcome.reason = "failed", reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +16,14 @@ from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
 from nas.search.console import ranked, state_counts, summary_table, trial_line
 from nas.search.hparams import validate_hparams
+from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed
 from nas.search.study import (
     check_search_cfg,
     count_finished,
     enqueue_references,
     is_multi_objective,
+    make_storage,
     mask_url,
     open_study,
     study_identity,
@@ -144,12 +147,21 @@ def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped
     return SearchResult(study, tracker, code, message)
 
 
+def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
+    """Fail (and re-queue) trials whose worker stopped beating; close their MLflow runs. Returns running trials."""
+    optuna.storages.fail_stale_trials(study)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    tracker.close_stale_runs(set(running))
+    return running
+
+
 def run_search(cfg: DictConfig) -> SearchResult:
     target = parse_trials(cfg.trials)
     check_search_cfg(cfg)
     space = require_space(cfg)
     validate_hparams(cfg.search.hparams, cfg)
     client = connect(cfg.mlflow)  # fails fast on an unreachable server, before any data is loaded
+    storage = make_storage(cfg)  # likewise for an unreachable study storage
     splits = load_splits(cfg.data)
     num_classes = len(splits.classes)
     estimator = make_estimator(cfg.latency, num_classes)
@@ -159,7 +171,7 @@ def run_search(cfg: DictConfig) -> SearchResult:
         build_table(space, estimator.table, num_classes, int(cfg.latency.calibrate), int(cfg.seed))
     _precheck_budget(cfg, space, estimator)
     identity = study_identity(cfg, space, estimator.settings.key_fields())
-    study, created = open_study(cfg, space, identity)
+    study, created = open_study(cfg, space, identity, storage)
     tracker = StudyTracker(client, cfg, study.study_name)
     worker = cfg.search.role == "worker"
     if worker:
@@ -168,39 +180,75 @@ def run_search(cfg: DictConfig) -> SearchResult:
         tracker.open_parent(study, _study_params(cfg, space), space.path)
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
-    optuna.storages.fail_stale_trials(study)
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    tracker.close_stale_runs(running)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes)
-    done = count_finished(study)
     print(
-        f"study {study.study_name} ({'new' if created else 'resumed'}, {done}/{target} trials finished) on "
-        f"{mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
+        f"study {study.study_name} ({'new' if created else 'resumed'}, {count_finished(study)}/{target} trials "
+        f"finished) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
         f"latency on {estimator.settings.device_name()}"
         + (f", budget {cfg.latency.budget_ms} ms" if cfg.latency.budget_ms is not None else ""),
         flush=True,
     )
-    failures, stopped = 0, None
-    max_failures = int(cfg.search.max_consecutive_failures)
+    try:
+        with signals_interrupt_search():
+            stopped = _trial_loop(cfg, study, tracker, objective, target)
+    except (SearchInterrupted, KeyboardInterrupt) as exc:
+        return _interrupted(exc, study, tracker, objective, target, worker)
+    if worker:
+        return SearchResult(study, tracker, 0, "")
+    return _finish(study, tracker, cfg, stopped)
+
+
+def _trial_loop(
+    cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int
+) -> str | None:
+    """Run trials until ``target`` have finished in the study (across all workers); returns why it stopped early."""
+    failures, max_failures, waiting = 0, int(cfg.search.max_consecutive_failures), False
+    poll_s = max(1.0, min(5.0, float(cfg.search.heartbeat_s)))
 
     def report(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         best = ranked(study)
         print(trial_line(objective.outcomes[-1], count_finished(study), target, best[0] if best else None), flush=True)
 
+    running = _sweep_stale(study, tracker)
     while True:
         finished = count_finished(study)
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if finished + running >= target:
-            break
+        if finished >= target:
+            return None
+        if finished + len(running) >= target:
+            # The rest is being run elsewhere, or by a killed process whose heartbeat has yet to expire.
+            if not waiting:
+                print(
+                    f"waiting for {len(running)} running trial(s) {running} (another worker, or left by a killed "
+                    f"run: such trials are retried after {2 * int(cfg.search.heartbeat_s)} s without heartbeat)",
+                    flush=True,
+                )
+                waiting = True
+            time.sleep(poll_s)
+            running = _sweep_stale(study, tracker)
+            continue
         if failures >= max_failures:
             reasons = "; ".join(sorted({o.reason or "" for o in objective.outcomes[-failures:]}))
-            stopped = (
+            return (
                 f"stopped after {failures} consecutive failed trials (search.max_consecutive_failures="
                 f"{max_failures}): {reasons}"
             )
-            break
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False)
         failures = failures + 1 if objective.outcomes and objective.outcomes[-1].state == "failed" else 0
-    if worker:
-        return SearchResult(study, tracker, 0, "")
-    return _finish(study, tracker, cfg, stopped)
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+def _interrupted(
+    exc: BaseException, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int, worker: bool
+) -> SearchResult:
+    cause = exc if isinstance(exc, SearchInterrupted) else exc.__cause__
+    signame = cause.signame if isinstance(cause, SearchInterrupted) else "SIGINT"
+    last = objective.outcomes[-1] if objective.outcomes else None
+    what = f"trial {last.number} recorded as failed; " if last and last.reason and "interrupted" in last.reason else ""
+    if not worker:
+        tracker.close_parent("KILLED")
+    message = (
+        f"interrupted by {signame}: {what}{count_finished(study)}/{target} trials finished. "
+        f"Rerun the same command to resume"
+    )
+    print(f"\n{message}", file=sys.stderr, flush=True)
+    return SearchResult(study, tracker, EXIT_CODES.get(signame, 130), message)

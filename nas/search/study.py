@@ -63,9 +63,13 @@ def check_search_cfg(cfg: DictConfig) -> None:
         raise NasError(f"latency.budget_ms={budget!r} must be a positive number of milliseconds (or null)")
 
 
-def make_sampler(cfg: DictConfig) -> optuna.samplers.BaseSampler:
-    """Options set explicitly: Optuna 5 changed TPE's defaults (multivariate, constant liar)."""
-    seed, s = int(cfg.seed), cfg.search
+def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+    """Options set explicitly: Optuna 5 changed TPE's defaults (multivariate, constant liar).
+
+    A resumed study must not replay the random draws of its first session (that would repeat
+    finished architectures), so the seed also depends on how many trials the study holds.
+    """
+    seed, s = int(cfg.seed) + 1_000_003 * resumed_at, cfg.search
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=int(s.startup_trials)
@@ -84,7 +88,7 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(cfg.train.epochs), 1))
 
 
-def make_storage(cfg: DictConfig) -> RDBStorage | str:
+def make_storage(cfg: DictConfig) -> RDBStorage:
     """An RDB storage with heartbeats, so a worker killed with -9 leaves no trial RUNNING forever."""
     url = str(cfg.study.storage)
     if url.startswith("sqlite:///"):
@@ -132,11 +136,12 @@ def study_identity(cfg: DictConfig, space: Space, latency_key: dict[str, Any]) -
     }
 
 
-def open_study(cfg: DictConfig, space: Space, identity: dict[str, Any]) -> tuple[optuna.Study, bool]:
+def open_study(
+    cfg: DictConfig, space: Space, identity: dict[str, Any], storage: RDBStorage
+) -> tuple[optuna.Study, bool]:
     """Create the study or resume it; refuse to resume one created for another space or objective."""
-    storage = make_storage(cfg)
     name = study_name(cfg, space)
-    existing = name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    existing = name in optuna.get_all_study_names(storage)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -145,6 +150,8 @@ def open_study(cfg: DictConfig, space: Space, identity: dict[str, Any]) -> tuple
         directions=directions(cfg),
         load_if_exists=True,
     )
+    if existing:
+        study.sampler = make_sampler(cfg, resumed_at=len(study.get_trials(deepcopy=False)))
     stored = study.user_attrs.get("identity")
     if stored is None:
         study.set_user_attr("identity", identity)

@@ -63,7 +63,7 @@ def make_datamodule(
         train_on_val=train_on_val,
         seed=cfg.seed,
         limit_train=cfg.train.limit_train_images,
-        repeat=cfg.data.get("repeat", 1),
+        repeat=int(cfg.data.repeat),
     )
     dm.setup("fit")
     return dm

@@ -1,0 +1,221 @@
+"""Nothing lost: signals, killed workers, failing trials and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from nas.errors import NasError
+from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
+from tests.conftest import TINY_SPACE, compose_cfg, subprocess_env
+
+FAST = ["data=digits", "train.epochs=1", "data.repeat=1", "train.batch_size=64", "latency.device=cpu",
+        "latency.repeats=5", "latency.warmup=2"]  # fmt: skip
+
+
+def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/outputs/optuna.db")
+
+
+def _runs(cwd: Path, name: str = "tiny-digits"):
+    client = MlflowClient(f"sqlite:///{cwd}/outputs/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
+
+
+def _start(cwd: Path, space: Path, *args: str) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not any(text in line for line in lines):
+        assert proc.poll() is None, f"search exited early: {proc.stderr.read()}"
+        assert time.time() < deadline, f"no {text!r} after {timeout}s: {lines}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig, code):
+    slow = ("train.epochs=3", "data.repeat=4", "search.pruner=none")
+    proc, lines = _start(tmp_path, tiny_space, "trials=5", *slow)
+    _wait_for(lines, "[1/5] trial", proc)
+    time.sleep(2.0)  # the second trial is training now
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == code
+    assert f"interrupted by {sig.name}: trial 1 recorded as failed" in stderr
+    assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
+    study = _study(tmp_path)
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == TrialState.COMPLETE and states[1] == TrialState.FAIL
+    assert study.trials[1].user_attrs["fail_reason"] == f"interrupted by {sig.name}"
+    runs = {r.data.tags.get("optuna.trial_number"): r for r in _runs(tmp_path)}
+    assert runs["1"].info.status == "KILLED" and runs["0"].info.status == "FINISHED"
+    assert runs[None].info.status == "KILLED"  # the study's parent run
+    first_value = study.trials[0].value
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=2"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = _study(tmp_path)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and complete[0].number == 0 and complete[0].value == first_value
+    assert all(r.info.status != "RUNNING" for r in _runs(tmp_path))
+
+
+def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
+    slow = ("train.epochs=3", "data.repeat=4", "search.pruner=none", "search.heartbeat_s=1")
+    proc, lines = _start(tmp_path, tiny_space, "trials=3", *slow)
+    _wait_for(lines, "[1/3] trial", proc)
+    time.sleep(2.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    study = _study(tmp_path)
+    killed = next(t for t in study.trials if t.state == TrialState.RUNNING)
+    assert {r.info.status for r in _runs(tmp_path) if r.data.tags.get("optuna.trial_number") == str(killed.number)} == {
+        "RUNNING"
+    }
+    time.sleep(2.5)  # past the grace period (2 x heartbeat)
+    done = subprocess.run(
+        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=3", "search.heartbeat_s=1"],
+        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    study = _study(tmp_path)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    # The stale trial was re-queued with the same architecture, and no completed trial ran twice.
+    archs = [t.user_attrs["arch"] for t in complete]
+    assert killed.user_attrs["arch"] in archs and len(set(archs)) == 3
+    runs = _runs(tmp_path)
+    stale = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed.number)]
+    assert stale[0].info.status == "KILLED" and stale[0].data.tags["nas.state"] == "killed"
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_space):
+    cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=3", "+search.inject_faults={1: oom, 2: nonfinite}")
+    result = run_search(cfg)
+    assert result.exit_code == 0
+    trials = result.study.trials
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["fail_reason"].startswith("out of memory")
+    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["fail_reason"].startswith("non-finite loss")
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    runs = {r.data.tags.get("optuna.trial_number"): r for r in _runs(in_tmp)}
+    assert runs["1"].info.status == "FAILED" and runs["1"].data.tags["nas.state"] == "failed"
+    assert "out of memory" in runs["1"].data.tags["nas.fail_reason"]
+    assert "non-finite" in runs["2"].data.tags["nas.fail_reason"]
+
+
+def test_consecutive_failures_stop_the_search_early(in_tmp, tiny_space, capsys):
+    cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=10", "search.max_consecutive_failures=2",
+                      "+search.inject_faults={0: error, 1: error, 2: error}")  # fmt: skip
+    result = run_search(cfg)
+    assert result.exit_code == EXIT_TOO_MANY_FAILURES
+    assert len(result.study.trials) == 2
+    assert "stopped after 2 consecutive failed trials" in result.message and "injected fault" in result.message
+
+
+def test_resuming_with_another_space_is_refused(in_tmp, tiny_space):
+    run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=0", "study.name=s"))
+    other = tiny_space.parent / "other.yaml"
+    other.write_text(TINY_SPACE.replace("width: [0.25, 0.5]", "width: [0.75]"))
+    with pytest.raises(NasError, match=r"study 's' was created with a different setup \(space: 'tiny' -> 'other'"):
+        run_search(compose_cfg(f"+space={other}", *FAST, "trials=1", "study.name=s"))
+    with pytest.raises(NasError, match=r"objective: 'accuracy' -> 'mnas'"):
+        run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s", "search.objective=mnas",
+                               "latency.budget_ms=100"))  # fmt: skip
+    assert len(_study(in_tmp, "s").trials) == 0  # nothing half-written
+    assert run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s")).exit_code == 0
+
+
+def _bad_space(tmp: Path, text: str) -> str:
+    path = tmp / "bad.yaml"
+    path.write_text(text)
+    return f"+space={path}"
+
+
+BAD_INPUT = [
+    ("no space", lambda t: [], "choose a search space with +space=NAME; available in search_spaces/: mbv3"),
+    ("unknown space", lambda t: ["+space=nope"], "unknown search space 'nope'; available: mbv3, mbv3_224, mbv3_small"),
+    ("malformed YAML", lambda t: [_bad_space(t, "width: [0.5\nstem: {")], "bad.yaml: malformed YAML (line"),
+    ("kernel 4", lambda t: [_bad_space(t, TINY_SPACE.replace("kernel: [3, 5]", "kernel: [3, 4]"))],
+     "bad.yaml: block.kernel: 4 is not allowed; expected a depthwise kernel size in {3, 5, 7}"),
+    ("expansion 0", lambda t: [_bad_space(t, TINY_SPACE.replace("expansion: [2, 3]", "expansion: [0]"))],
+     "bad.yaml: block.expansion: 0 is not allowed; expected a number >= 1"),
+    ("unknown activation", lambda t: [_bad_space(t, TINY_SPACE.replace("[relu, hswish]", "[relu, gelu]"))],
+     "bad.yaml: block.activation: 'gelu' is not allowed; expected one of relu, hswish"),
+    ("trials=-1", lambda t: ["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
+    ("trials=abc", lambda t: ["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
+    ("impossible budget", lambda t: [_bad_space(t, TINY_SPACE), "latency.budget_ms=0.00001"],
+     "latency.budget_ms=1e-05 cannot be met: the cheapest network of space bad takes"),
+    ("unreachable storage", lambda t: ["+space=mbv3", "study.storage=postgresql://nas:s3cret@127.0.0.1:9/optuna"],
+     "cannot open the study storage postgresql://nas:***@127.0.0.1:9/optuna"),
+    ("unreachable MLflow", lambda t: ["+space=mbv3", "mlflow.tracking_uri=http://127.0.0.1:9"],
+     "MLflow tracking server http://127.0.0.1:9 is unreachable"),
+    ("missing data offline", lambda t: ["+space=mbv3", "data=cifar10", f"data.root={t}/none", "data.download=false"],
+     "data set CIFAR-10 not found in"),
+    ("bad sampler", lambda t: ["+space=mbv3", "search.sampler=cmaes"],
+     "search.sampler='cmaes' is not one of tpe, nsga2, random"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "args", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_clear_line(in_tmp, capsys, case, args, message):
+    """The command's own code path (Hydra composition, then the entry point), in-process for speed."""
+    from nas.search.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(compose_cfg(*FAST, *args(in_tmp)))
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in out + err and "s3cret" not in out + err
+    db = in_tmp / "outputs" / "optuna.db"
+    if db.exists():  # nothing half-written: no study was created that a corrected rerun would trip over
+        assert optuna.get_all_study_names(f"sqlite:///{db}") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "error: choose a search space with +space=NAME; available in search_spaces/: mbv3"),
+        (
+            ["+space=mbv3", "study.storage=postgresql://nas:s3cret@127.0.0.1:9/optuna"],
+            "error: cannot open the study storage postgresql://nas:***@127.0.0.1:9/optuna",
+        ),
+    ],
+)
+def test_bad_input_through_the_real_command(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.search", *FAST, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=180,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
