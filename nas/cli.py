@@ -26,8 +26,11 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by us, without tracebacks
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic"):
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "mlflow", "alembic", "onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # nas.retrain logs models as pickle on purpose (pt2 fixes the batch size); MLflow warns about that each time.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="No complete tensor found in the group")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")

@@ -39,9 +39,9 @@ def tiny_space(tmp_path: Path) -> Path:
     return path
 
 
-def compose_cfg(*overrides: str) -> DictConfig:
+def compose_cfg(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 @pytest.fixture

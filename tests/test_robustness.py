@@ -19,8 +19,15 @@ from nas.errors import NasError
 from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
 from tests.conftest import TINY_SPACE, compose_cfg, subprocess_env
 
-FAST = ["data=digits", "train.epochs=1", "data.repeat=1", "train.batch_size=64", "latency.device=cpu",
-        "latency.repeats=5", "latency.warmup=2"]  # fmt: skip
+FAST = [
+    "data=digits",
+    "train.epochs=1",
+    "data.repeat=1",
+    "train.batch_size=64",
+    "latency.device=cpu",
+    "latency.repeats=5",
+    "latency.warmup=2",
+]
 
 
 def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:
@@ -35,8 +42,12 @@ def _runs(cwd: Path, name: str = "tiny-digits"):
 def _start(cwd: Path, space: Path, *args: str) -> tuple[subprocess.Popen, list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-    )  # fmt: skip
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     return proc, lines
@@ -72,8 +83,12 @@ def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig
 
     done = subprocess.run(
         [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=2"],
-        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -96,8 +111,12 @@ def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
     time.sleep(2.5)  # past the grace period (2 x heartbeat)
     done = subprocess.run(
         [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=3", "search.heartbeat_s=1"],
-        cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     assert study.trials[killed.number].state == TrialState.FAIL
@@ -127,8 +146,13 @@ def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_spa
 
 
 def test_consecutive_failures_stop_the_search_early(in_tmp, tiny_space, capsys):
-    cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=10", "search.max_consecutive_failures=2",
-                      "+search.inject_faults={0: error, 1: error, 2: error}")  # fmt: skip
+    cfg = compose_cfg(
+        f"+space={tiny_space}",
+        *FAST,
+        "trials=10",
+        "search.max_consecutive_failures=2",
+        "+search.inject_faults={0: error, 1: error, 2: error}",
+    )
     result = run_search(cfg)
     assert result.exit_code == EXIT_TOO_MANY_FAILURES
     assert len(result.study.trials) == 2
@@ -142,8 +166,16 @@ def test_resuming_with_another_space_is_refused(in_tmp, tiny_space):
     with pytest.raises(NasError, match=r"study 's' was created with a different setup \(space: 'tiny' -> 'other'"):
         run_search(compose_cfg(f"+space={other}", *FAST, "trials=1", "study.name=s"))
     with pytest.raises(NasError, match=r"objective: 'accuracy' -> 'mnas'"):
-        run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s", "search.objective=mnas",
-                               "latency.budget_ms=100"))  # fmt: skip
+        run_search(
+            compose_cfg(
+                f"+space={tiny_space}",
+                *FAST,
+                "trials=1",
+                "study.name=s",
+                "search.objective=mnas",
+                "latency.budget_ms=100",
+            )
+        )
     assert len(_study(in_tmp, "s").trials) == 0  # nothing half-written
     assert run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s")).exit_code == 0
 
@@ -158,25 +190,49 @@ BAD_INPUT = [
     ("no space", lambda t: [], "choose a search space with +space=NAME; available in search_spaces/: mbv3"),
     ("unknown space", lambda t: ["+space=nope"], "unknown search space 'nope'; available: mbv3, mbv3_224, mbv3_small"),
     ("malformed YAML", lambda t: [_bad_space(t, "width: [0.5\nstem: {")], "bad.yaml: malformed YAML (line"),
-    ("kernel 4", lambda t: [_bad_space(t, TINY_SPACE.replace("kernel: [3, 5]", "kernel: [3, 4]"))],
-     "bad.yaml: block.kernel: 4 is not allowed; expected a depthwise kernel size in {3, 5, 7}"),
-    ("expansion 0", lambda t: [_bad_space(t, TINY_SPACE.replace("expansion: [2, 3]", "expansion: [0]"))],
-     "bad.yaml: block.expansion: 0 is not allowed; expected a number >= 1"),
-    ("unknown activation", lambda t: [_bad_space(t, TINY_SPACE.replace("[relu, hswish]", "[relu, gelu]"))],
-     "bad.yaml: block.activation: 'gelu' is not allowed; expected one of relu, hswish"),
+    (
+        "kernel 4",
+        lambda t: [_bad_space(t, TINY_SPACE.replace("kernel: [3, 5]", "kernel: [3, 4]"))],
+        "bad.yaml: block.kernel: 4 is not allowed; expected a depthwise kernel size in {3, 5, 7}",
+    ),
+    (
+        "expansion 0",
+        lambda t: [_bad_space(t, TINY_SPACE.replace("expansion: [2, 3]", "expansion: [0]"))],
+        "bad.yaml: block.expansion: 0 is not allowed; expected a number >= 1",
+    ),
+    (
+        "unknown activation",
+        lambda t: [_bad_space(t, TINY_SPACE.replace("[relu, hswish]", "[relu, gelu]"))],
+        "bad.yaml: block.activation: 'gelu' is not allowed; expected one of relu, hswish",
+    ),
     ("trials=-1", lambda t: ["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
     ("trials=abc", lambda t: ["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
-    ("impossible budget", lambda t: [_bad_space(t, TINY_SPACE), "latency.budget_ms=0.00001"],
-     "latency.budget_ms=1e-05 cannot be met: the cheapest network of space bad takes"),
-    ("unreachable storage", lambda t: ["+space=mbv3", "study.storage=postgresql://nas:s3cret@127.0.0.1:9/optuna"],
-     "cannot open the study storage postgresql://nas:***@127.0.0.1:9/optuna"),
-    ("unreachable MLflow", lambda t: ["+space=mbv3", "mlflow.tracking_uri=http://127.0.0.1:9"],
-     "MLflow tracking server http://127.0.0.1:9 is unreachable"),
-    ("missing data offline", lambda t: ["+space=mbv3", "data=cifar10", f"data.root={t}/none", "data.download=false"],
-     "data set CIFAR-10 not found in"),
-    ("bad sampler", lambda t: ["+space=mbv3", "search.sampler=cmaes"],
-     "search.sampler='cmaes' is not one of tpe, nsga2, random"),
-]  # fmt: skip
+    (
+        "impossible budget",
+        lambda t: [_bad_space(t, TINY_SPACE), "latency.budget_ms=0.00001"],
+        "latency.budget_ms=1e-05 cannot be met: the cheapest network of space bad takes",
+    ),
+    (
+        "unreachable storage",
+        lambda t: ["+space=mbv3", "study.storage=postgresql://nas:s3cret@127.0.0.1:9/optuna"],
+        "cannot open the study storage postgresql://nas:***@127.0.0.1:9/optuna",
+    ),
+    (
+        "unreachable MLflow",
+        lambda t: ["+space=mbv3", "mlflow.tracking_uri=http://127.0.0.1:9"],
+        "MLflow tracking server http://127.0.0.1:9 is unreachable",
+    ),
+    (
+        "missing data offline",
+        lambda t: ["+space=mbv3", "data=cifar10", f"data.root={t}/none", "data.download=false"],
+        "data set CIFAR-10 not found in",
+    ),
+    (
+        "bad sampler",
+        lambda t: ["+space=mbv3", "search.sampler=cmaes"],
+        "search.sampler='cmaes' is not one of tpe, nsga2, random",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "args", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
+from nas.report import publish_plots
 from nas.search.console import ranked, state_counts, summary_table, trial_line
 from nas.search.hparams import validate_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
@@ -121,6 +122,7 @@ def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped
         if tracker.parent_run_id:
             tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
         lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, limit=len(front))]
+    publish_plots(study, tracker)
     code, message = 0, ""
     if not best and counts["infeasible"] and cfg.latency.budget_ms is not None:
         fastest = min(

@@ -1,0 +1,110 @@
+"""``nas.load``: a found model, ready to predict on images, in the build / fit / predict / save style."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas.errors import NasError
+from nas.models import build
+from nas.retrain.export import Preprocess, write_bundle
+from nas.space import decode
+
+ImageLike = Any  # a path, a PIL image, an (H, W[, C]) uint8 array, or a (C, H, W) uint8 tensor
+
+
+class Classifier:
+    """A network plus the preprocessing it was trained with."""
+
+    def __init__(self, model: torch.nn.Module, pre: Preprocess, arch_text: str) -> None:
+        self.model = model.eval()
+        self.pre = pre
+        self.arch = decode(arch_text)
+        self.classes = list(pre.classes)
+        self._mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(pre.std).view(1, -1, 1, 1)
+
+    def _tensor(self, image: ImageLike) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        if isinstance(image, str | Path):
+            image = Image.open(image)
+        if isinstance(image, Image.Image):
+            image = image.convert("L" if self.pre.channels == 1 else "RGB")
+            t = TF.pil_to_tensor(image)
+        elif isinstance(image, np.ndarray):
+            t = torch.from_numpy(image)
+            t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        elif isinstance(image, torch.Tensor):
+            t = image.unsqueeze(0) if image.ndim == 2 else image
+        else:
+            raise NasError(f"cannot predict on {type(image).__name__}; pass paths, PIL images, arrays or tensors")
+        if t.shape[0] == 3 and self.pre.channels == 1:
+            t = TF.rgb_to_grayscale(t)
+        if t.shape[0] == 1 and self.pre.channels == 3:
+            t = t.expand(3, -1, -1)
+        return TF.resize(t, [self.pre.resolution, self.pre.resolution], antialias=True)
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        x = torch.stack([self._tensor(i) for i in images]).float().div(255)
+        x = (x - self._mean) / self._std
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
+        return torch.softmax(self.model(self.preprocess(images)), dim=1).numpy()
+
+    def predict(self, images: Sequence[ImageLike]) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
+
+    def save(self, directory: str | Path) -> Path:
+        return write_bundle(Path(directory), self.model, self.arch, self.pre)
+
+
+def _resolve(source: str | Path) -> Path:
+    """A local bundle folder, ``runs:/ID/bundle``, or ``models:/NAME/VERSION|@alias|latest``."""
+    text = str(source)
+    if Path(text).is_dir():
+        return Path(text)
+    import mlflow
+
+    if text.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        ref = text.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, ver = ref.partition("/")
+            if ver in ("", "latest"):
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise NasError(f"registered model {name!r} has no versions")
+                version = max(versions, key=lambda v: int(v.version))
+            else:
+                version = client.get_model_version(name, ver)
+        text = f"runs:/{version.run_id}/bundle"
+    if text.startswith("runs:/"):
+        return Path(mlflow.artifacts.download_artifacts(text))
+    raise NasError(f"cannot load {text!r}: give a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+
+
+def load(source: str | Path) -> Classifier:
+    """Load a retrained model for prediction, e.g. ``nas.load("models:/nas-mbv3-cifar10@champion")``."""
+    folder = _resolve(source)
+    missing = [f for f in ("arch.txt", "weights.pt", "preprocess.json") if not (folder / f).is_file()]
+    if missing:
+        raise NasError(f"{folder} is not a nas model bundle (missing {', '.join(missing)})")
+    arch_text = (folder / "arch.txt").read_text().strip()
+    pre = Preprocess(**json.loads((folder / "preprocess.json").read_text()))
+    model = build(decode(arch_text), num_classes=len(pre.classes))
+    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    return Classifier(model, pre, arch_text)

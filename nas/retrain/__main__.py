@@ -1,0 +1,31 @@
+"""``python -m nas.retrain [study.name=...|run_id=...|arch=...]``: retrain, test, export, register."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from nas.cli import CONF_DIR, quiet_libraries, user_errors
+
+
+@user_errors
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    from nas.retrain.run import retrain
+
+    r = retrain(cfg)
+    print(f"retrained {r.selection.arch.encode()}")
+    source = f"study {r.selection.study}, trial {r.selection.trial}" if r.selection.study else r.selection.how
+    print(f"  source: {source}; test_acc {r.test_acc:.4f}; latency {r.latency_ms:.4f} ms; MLflow run {r.run_id}")
+    if r.model_name:
+        print(f"  registered models:/{r.model_name}/{r.model_version} (alias @{cfg.retrain.alias})")
+        print(f"  use it: python -c \"import nas; m = nas.load('models:/{r.model_name}@{cfg.retrain.alias}')\"")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="retrain_app", version_base="1.3")
+def app(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,65 @@
+"""A retrained network as files: weights + architecture string + preprocessing, ONNX, torch.export.
+
+The bundle is self-contained: ``arch.txt`` and ``weights.pt`` rebuild the
+network with this project alone; ``preprocess.json`` is what ``nas.load``
+needs to predict on raw images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.errors import NasError
+from nas.space import Arch
+
+
+@dataclass
+class Preprocess:
+    resolution: int
+    mean: list[float]
+    std: list[float]
+    channels: int  # of the source images: 1 (grayscale, repeated to 3) or 3
+    classes: list[str]
+
+
+def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "arch.txt").write_text(arch.encode() + "\n")
+    torch.save(model.state_dict(), directory / "weights.pt")
+    (directory / "preprocess.json").write_text(json.dumps(asdict(pre), indent=1))
+    return directory
+
+
+def export_onnx(model: nn.Module, resolution: int, path: Path, atol: float = 1e-4) -> float:
+    """ONNX with a dynamic batch dimension, re-loaded in onnxruntime and compared with PyTorch."""
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    example = torch.randn(2, 3, resolution, resolution)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(model, (example,), str(path), dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for n in (1, 5):
+        x = torch.randn(n, 3, resolution, resolution)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > atol:
+        raise NasError(f"ONNX export of the model differs from PyTorch by {worst:.2e} (> {atol}); not exported")
+    return worst
+
+
+def export_program(model: nn.Module, resolution: int, path: Path) -> None:
+    """torch.export with a dynamic batch dimension (the successor of TorchScript)."""
+    model = model.eval().cpu()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.randn(2, 3, resolution, resolution),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))

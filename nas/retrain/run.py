@@ -1,0 +1,153 @@
+"""Retrain a winner with the full recipe, test it once, measure it, export it and register it."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from nas.data import TensorImageDataModule
+from nas.latency.estimator import measure_arch, settings_from_cfg
+from nas.models import cost
+from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
+from nas.retrain.select import Selection, from_run, from_study, latest_study
+from nas.search.hparams import apply_hparams
+from nas.search.study import make_storage
+from nas.space import arch_from_text
+from nas.tracking.runs import connect, experiment_id
+from nas.tracking.trials import EpochMetricsToMlflow
+from nas.train.run import load_splits, make_datamodule, make_module, make_trainer
+
+
+@dataclass
+class RetrainResult:
+    run_id: str
+    test_acc: float
+    latency_ms: float
+    model_name: str | None
+    model_version: str | None
+    selection: Selection
+
+
+def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Selection, str | None]:
+    """The architecture to retrain and the space it came from (for the registered model's name)."""
+    keys = list(cfg.search.hparams)
+    if cfg.arch:
+        return Selection(arch=arch_from_text(cfg.arch, image_size)), None
+    if cfg.run_id:
+        sel = from_run(client, cfg.run_id, keys)
+        run = client.get_run(cfg.run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        space = client.get_run(parent).data.params.get("space") if parent else None
+        return sel, space
+    storage = make_storage(cfg)
+    name = cfg.study.name or latest_study(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, keys)
+    return sel, study.user_attrs.get("identity", {}).get("space")
+
+
+def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Preprocess:
+    return Preprocess(
+        resolution=resolution,
+        mean=dm.mean.flatten().tolist(),
+        std=dm.std.flatten().tolist(),
+        channels=channels,
+        classes=list(dm.classes),
+    )
+
+
+def retrain(cfg: DictConfig) -> RetrainResult:
+    client = connect(cfg.mlflow)
+    splits = load_splits(cfg.data)
+    sel, space = select(cfg, client, int(splits.train_x.shape[-1]))
+    run_cfg = apply_hparams(cfg, sel.hparams)
+    arch = sel.arch
+    train_on_val = bool(cfg.retrain.train_on_val)
+    dm = make_datamodule(run_cfg, splits, arch.resolution, train_on_val=train_on_val)
+    exp = experiment_id(client, cfg.mlflow.experiment or sel.study or "retrain", cfg.mlflow.get("artifact_location"))
+    tags = {"nas.kind": "retrain", "nas.source.how": sel.how}
+    tags |= {
+        k: str(v)
+        for k, v in {
+            "nas.source.study": sel.study,
+            "nas.source.trial": sel.trial,
+            "nas.source.run_id": sel.run_id,
+        }.items()
+        if v is not None
+    }
+    run = client.create_run(
+        exp, run_name=f"retrain-{sel.study or 'arch'}-{sel.trial if sel.trial is not None else 0}", tags=tags
+    )
+    run_id = run.info.run_id
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_params(
+                {
+                    "arch": arch.encode(),
+                    "train.epochs": run_cfg.train.epochs,
+                    "train_on_val": train_on_val,
+                    **sel.hparams,
+                }
+            )
+            module = make_module(run_cfg, arch, dm.num_classes)
+            overrides = {"limit_val_batches": 0} if train_on_val else {}
+            trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)
+            trainer.fit(module, datamodule=dm)
+            test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
+            model = module.model.cpu().eval()
+            latency = measure_arch(arch, dm.num_classes, settings_from_cfg(cfg.latency))
+            c = cost(arch, dm.num_classes)
+            mlflow.log_metrics(
+                {"test_acc": test_acc, "latency_ms": latency.median_ms, "params": c.params, "flops": c.flops}
+            )
+            name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
+            pre = _preprocess(dm, arch.resolution, int(splits.train_x.shape[1]))
+            version = _publish(cfg, client, run_id, model, arch, pre, name)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return RetrainResult(run_id, test_acc, latency.median_ms, name if version else None, version, sel)
+
+
+def _publish(
+    cfg: DictConfig, client: MlflowClient, run_id: str, model: torch.nn.Module, arch, pre: Preprocess, name: str
+) -> str | None:
+    """Bundle + exports as artifacts; the model logged (pickle: any batch size) and registered with an alias."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(Path(tmp) / "bundle", model, arch, pre)
+        mlflow.log_artifacts(str(bundle), "bundle")
+        if cfg.retrain.export:
+            exports = Path(tmp) / "export"
+            exports.mkdir()
+            err = export_onnx(model, arch.resolution, exports / "model.onnx")
+            export_program(model, arch.resolution, exports / "model.pt2")
+            (exports / "arch.txt").write_text(arch.encode() + "\n")
+            mlflow.log_artifacts(str(exports), "export")
+            mlflow.log_metric("onnx_max_abs_diff", err)
+    example = np.random.default_rng(0).standard_normal((2, 3, arch.resolution, arch.resolution)).astype(np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example,
+        signature=infer_signature(example, output),
+        serialization_format="pickle",  # pt2 would fix the batch size to the example's
+        registered_model_name=name if cfg.retrain.register else None,
+    )
+    if not cfg.retrain.register:
+        return None
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, str(cfg.retrain.alias), version)
+    client.set_model_version_tag(name, version, "arch", arch.encode())
+    return version

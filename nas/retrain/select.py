@@ -1,0 +1,99 @@
+"""Which architecture to retrain: the best of a study, a Pareto point, an MLflow trial run, or a string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.errors import NasError
+from nas.space import Arch, decode
+
+
+@dataclass
+class Selection:
+    arch: Arch
+    hparams: dict[str, Any] = field(default_factory=dict)  # sampled config keys of the source trial
+    study: str | None = None
+    trial: int | None = None
+    run_id: str | None = None
+    how: str = "arch"
+
+
+def _feasible(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("state") == "complete"]
+
+
+def latest_study(storage: Any) -> str:
+    summaries = optuna.get_all_study_summaries(storage)
+    started = [s for s in summaries if s.datetime_start is not None]
+    if not started:
+        raise NasError("no study with trials in the storage; run python -m nas.search first, or pass arch='...'")
+    return max(started, key=lambda s: s.datetime_start).study_name
+
+
+def _hparams(trial: FrozenTrial, keys: list[str]) -> dict[str, Any]:
+    return {k: v for k, v in trial.params.items() if k in keys}
+
+
+def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam_keys: list[str]) -> Selection:
+    """``best``: most accurate feasible trial (multi-objective: most accurate Pareto point within budget);
+    ``pareto:N``: the N-th Pareto point by increasing latency (0 = fastest)."""
+    trials = _feasible(study.get_trials(deepcopy=False))
+    if not trials:
+        raise NasError(f"study {study.study_name!r} has no finished feasible trial to retrain")
+    multi = len(study.directions) > 1
+    if select.startswith("pareto:"):
+        if not multi:
+            raise NasError("select=pareto:N needs a multi-objective study (search.sampler=nsga2); use select=best")
+        front = sorted(_feasible(study.best_trials), key=lambda t: t.values[1])
+        index = int(select.split(":", 1)[1])
+        if not 0 <= index < len(front):
+            raise NasError(f"select={select}: the Pareto front of {study.study_name!r} has {len(front)} points (0..)")
+        chosen, how = front[index], select
+    elif select == "best":
+        pool = _feasible(study.best_trials) if multi else trials
+        if multi and budget_ms is not None:
+            pool = [t for t in pool if t.user_attrs["latency_ms"] <= budget_ms] or pool
+        chosen, how = max(pool, key=lambda t: t.user_attrs["val_acc"]), "best"
+    else:
+        raise NasError(f"select={select!r} is not 'best' or 'pareto:N'")
+    return Selection(
+        arch=decode(chosen.user_attrs["arch"]),
+        hparams=_hparams(chosen, hparam_keys),
+        study=study.study_name,
+        trial=chosen.number,
+        how=how,
+    )
+
+
+def from_run(client: MlflowClient, run_id: str, hparam_keys: list[str]) -> Selection:
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise NasError(f"MLflow run {run_id} not found: {str(exc).splitlines()[0]}") from None
+    if "arch" not in run.data.params:
+        raise NasError(f"MLflow run {run_id} has no 'arch' param; pass the run of a search trial")
+    params = run.data.params
+    hparams = {k: _parse(params[k]) for k in hparam_keys if k in params}
+    trial = run.data.tags.get("optuna.trial_number")
+    return Selection(
+        arch=decode(params["arch"]),
+        hparams=hparams,
+        study=run.data.tags.get("nas.study"),
+        trial=int(trial) if trial is not None else None,
+        run_id=run_id,
+        how="run_id",
+    )
+
+
+def _parse(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)
