@@ -52,7 +52,7 @@ def summary_table(trials: Sequence[FrozenTrial], limit: int = 5) -> str:
         ua = t.user_attrs
         name = f" ({ua['reference']})" if ua.get("reference") else ""
         rows.append(
-            f"{t.number:>5}  {ua['val_acc']:>7.4f}  {ua['latency_ms']:>10.3f}  {ua['params'] / 1e6:>6.2f}M  "
+            f"{t.number:>5}  {ua['val_acc']:>7.4f}  {ua['latency_ms']:>10.3f}  {human_count(ua['params']):>7}  "
             f"{ua['flops'] / 1e6:>7.1f}  {ua['arch']}{name}"
         )
     return "\n".join(rows)

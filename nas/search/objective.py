@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import optuna
 import torch
 from omegaconf import DictConfig
@@ -19,7 +20,7 @@ from nas.models import cost
 from nas.search.faults import FaultInjection
 from nas.search.hparams import apply_hparams, sample_hparams
 from nas.search.interrupts import SearchInterrupted
-from nas.search.study import is_multi_objective
+from nas.search.study import is_multi_objective, is_surplus
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker
 from nas.train.module import NonFiniteLossError
@@ -30,6 +31,23 @@ CONSTRAINT_KEY = "latency_ms_over_budget"
 
 class TrialFailed(Exception):
     """A trial that could not finish (OOM, NaN loss, unbuildable network): Optuna records FAIL and goes on."""
+
+
+class SurplusTrial(TrialFailed):
+    """Another worker already started the last trial the study needs; this one stops before any work."""
+
+
+class FitClock(pl.Callback):
+    """Wall time of the epochs themselves, so the per-trial fixed cost can be told apart."""
+
+    def __init__(self) -> None:
+        self.started = self.seconds = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.started
 
 
 @dataclass
@@ -84,6 +102,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t0 = time.perf_counter()
+        if is_surplus(trial.study, trial.number, int(self.cfg.trials)):
+            trial.set_user_attr("state", "surplus")
+            raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials already started")
         multi = is_multi_objective(self.cfg)
         budget = self.cfg.latency.budget_ms
         hard = budget is not None and self.cfg.search.objective == "accuracy"
@@ -110,7 +131,8 @@ class Objective:
                 trial.set_user_attr("state", "infeasible")
                 self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
                 return (0.0, latency) if multi else 0.0
-            callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id)]
+            clock = FitClock()
+            callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), clock]
             fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
             if fault:
                 callbacks.append(FaultInjection(fault))
@@ -121,7 +143,18 @@ class Objective:
             outcome.val_acc = result.val_acc
             trial.set_user_attr("state", "complete")
             trial.set_user_attr("val_acc", result.val_acc)
-            self.tracker.log_metrics(run_id, {"val_acc": result.val_acc, "val_loss": result.val_loss})
+            total = time.perf_counter() - t0
+            trial.set_user_attr("time_s", {"total": total, "epochs": clock.seconds})
+            self.tracker.log_metrics(
+                run_id,
+                {
+                    "val_acc": result.val_acc,
+                    "val_loss": result.val_loss,
+                    "time_total_s": total,
+                    "time_epochs_s": clock.seconds,
+                    "time_fixed_s": total - clock.seconds,
+                },
+            )
             self.tracker.end_trial(run_id, "complete", "FINISHED")
             if multi:
                 return result.val_acc, latency

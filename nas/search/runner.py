@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -15,6 +16,7 @@ from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
 from nas.report import publish_plots
+from nas.search import workers
 from nas.search.console import ranked, state_counts, summary_table, trial_line
 from nas.search.hparams import validate_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
@@ -162,6 +164,9 @@ def run_search(cfg: DictConfig) -> SearchResult:
     check_search_cfg(cfg)
     space = require_space(cfg)
     validate_hparams(cfg.search.hparams, cfg)
+    worker = cfg.search.role == "worker"
+    plans = [] if worker else workers.plan(cfg)
+    workers.check_latency_for_concurrency(cfg, len(plans))
     client = connect(cfg.mlflow)  # fails fast on an unreachable server, before any data is loaded
     storage = make_storage(cfg)  # likewise for an unreachable study storage
     splits = load_splits(cfg.data)
@@ -175,7 +180,6 @@ def run_search(cfg: DictConfig) -> SearchResult:
     identity = study_identity(cfg, space, estimator.settings.key_fields())
     study, created = open_study(cfg, space, identity, storage)
     tracker = StudyTracker(client, cfg, study.study_name)
-    worker = cfg.search.role == "worker"
     if worker:
         tracker.join_parent(study)
     else:
@@ -183,13 +187,16 @@ def run_search(cfg: DictConfig) -> SearchResult:
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes)
+    who = f"worker {cfg.search.worker_index}: " if worker else ""
     print(
-        f"study {study.study_name} ({'new' if created else 'resumed'}, {count_finished(study)}/{target} trials "
+        f"{who}study {study.study_name} ({'new' if created else 'resumed'}, {count_finished(study)}/{target} trials "
         f"finished) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
         f"latency on {estimator.settings.device_name()}"
         + (f", budget {cfg.latency.budget_ms} ms" if cfg.latency.budget_ms is not None else ""),
         flush=True,
     )
+    if len(plans) > 1:
+        return _run_workers(cfg, study, tracker, plans, target)
     try:
         with signals_interrupt_search():
             stopped = _trial_loop(cfg, study, tracker, objective, target)
@@ -207,7 +214,12 @@ def _trial_loop(
     failures, max_failures, waiting = 0, int(cfg.search.max_consecutive_failures), False
     poll_s = max(1.0, min(5.0, float(cfg.search.heartbeat_s)))
 
+    last_state: list[str] = []
+
     def report(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        last_state[:] = [frozen.user_attrs.get("state", "failed")]
+        if last_state[0] == "surplus":  # another worker took the last slot: nothing ran
+            return
         best = ranked(study)
         print(trial_line(objective.outcomes[-1], count_finished(study), target, best[0] if best else None), flush=True)
 
@@ -218,7 +230,7 @@ def _trial_loop(
             return None
         if finished + len(running) >= target:
             # The rest is being run elsewhere, or by a killed process whose heartbeat has yet to expire.
-            if not waiting:
+            if not waiting and cfg.search.role != "worker":
                 print(
                     f"waiting for {len(running)} running trial(s) {running} (another worker, or left by a killed "
                     f"run: such trials are retried after {2 * int(cfg.search.heartbeat_s)} s without heartbeat)",
@@ -235,8 +247,37 @@ def _trial_loop(
                 f"{max_failures}): {reasons}"
             )
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False)
-        failures = failures + 1 if objective.outcomes and objective.outcomes[-1].state == "failed" else 0
+        failures = failures + 1 if last_state == ["failed"] else 0
         running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+def _run_workers(
+    cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, plans: list[workers.WorkerPlan], target: int
+) -> SearchResult:
+    """Start the worker processes, wait for them, then summarise the study as one search."""
+    where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in plans)
+    print(f"starting {len(plans)} worker processes ({where})", flush=True)
+    folder = Path("outputs") / "workers" / study.study_name
+    procs = workers.spawn(cfg, plans, folder)
+    try:
+        with signals_interrupt_search():
+            codes = workers.wait_all(procs)
+    except SearchInterrupted as exc:
+        workers.wait_all(procs, forward=exc.signame)
+        tracker.close_parent("KILLED")
+        message = (
+            f"interrupted by {exc.signame}: workers stopped, running trials recorded as failed; "
+            f"{count_finished(study)}/{target} trials finished. Rerun the same command to resume"
+        )
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        return SearchResult(study, tracker, exc.exit_code, message)
+    stopped = None
+    if count_finished(study) < target:
+        stopped = (
+            f"workers exited (codes {codes}) with {count_finished(study)}/{target} trials finished; "
+            f"see their output above, then rerun the same command to resume"
+        )
+    return _finish(study, tracker, cfg, stopped)
 
 
 def _interrupted(

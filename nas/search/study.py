@@ -69,7 +69,8 @@ def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSa
     A resumed study must not replay the random draws of its first session (that would repeat
     finished architectures), so the seed also depends on how many trials the study holds.
     """
-    seed, s = int(cfg.seed) + 1_000_003 * resumed_at, cfg.search
+    s = cfg.search
+    seed = int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * int(s.get("worker_index", 0))
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=int(s.startup_trials)
@@ -150,7 +151,7 @@ def open_study(
         directions=directions(cfg),
         load_if_exists=True,
     )
-    if existing:
+    if existing or cfg.search.get("worker_index", 0):
         study.sampler = make_sampler(cfg, resumed_at=len(study.get_trials(deepcopy=False)))
     stored = study.user_attrs.get("identity")
     if stored is None:
@@ -167,6 +168,14 @@ def open_study(
 
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
+    """Whether trial ``number`` would exceed ``target``: the trials numbered before it that finished or are
+    still running already make up the target. Trial numbers are assigned atomically by the storage, so
+    concurrent workers agree on who is surplus."""
+    before = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(t.number < number for t in before) >= target
 
 
 def enqueue_references(study: optuna.Study, space: Space) -> list[str]:
