@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +64,58 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("HYDRA_FULL_ERROR", None)
     return env
+
+
+# A search small enough for CPU tests: digits, one short epoch, few latency repeats.
+FAST = (
+    "data=digits",
+    "train.epochs=1",
+    "data.repeat=1",
+    "train.batch_size=64",
+    "latency.device=cpu",
+    "latency.repeats=5",
+    "latency.warmup=2",
+)
+
+
+def mlflow_api(base: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+@contextlib.contextmanager
+def mlflow_ui(cwd: Path, experiment: str) -> Iterator[tuple[str, str]]:
+    """``mlflow ui`` on the folder's outputs/mlflow.db, on a free loopback port; yields (base URL, experiment id)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        "sqlite:///outputs/mlflow.db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                exp = mlflow_api(base, f"experiments/get-by-name?experiment_name={experiment}")["experiment"]
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield base, exp["experiment_id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -21,17 +21,7 @@ from nas.retrain.select import from_run, from_study
 from nas.search.runner import run_search
 from nas.space import decode
 from nas.tracking.plots import study_plots
-from tests.conftest import TINY_ARCH, compose_cfg, subprocess_env
-
-FAST = (
-    "data=digits",
-    "train.epochs=1",
-    "data.repeat=1",
-    "train.batch_size=64",
-    "latency.device=cpu",
-    "latency.repeats=5",
-    "latency.warmup=2",
-)
+from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
 

@@ -17,17 +17,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
-from tests.conftest import TINY_SPACE, compose_cfg, subprocess_env
-
-FAST = [
-    "data=digits",
-    "train.epochs=1",
-    "data.repeat=1",
-    "train.batch_size=64",
-    "latency.device=cpu",
-    "latency.repeats=5",
-    "latency.warmup=2",
-]
+from tests.conftest import FAST, TINY_SPACE, compose_cfg, subprocess_env
 
 
 def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -17,17 +14,7 @@ from mlflow.tracking import MlflowClient
 from nas.errors import NasError
 from nas.search.runner import EXIT_NO_FEASIBLE, run_search
 from nas.search.study import mask_url
-from tests.conftest import compose_cfg, subprocess_env
-
-FAST = (
-    "data=digits",
-    "train.epochs=1",
-    "data.repeat=1",
-    "train.batch_size=64",
-    "latency.device=cpu",
-    "latency.repeats=5",
-    "latency.warmup=2",
-)
+from tests.conftest import FAST, compose_cfg, mlflow_api, mlflow_ui, subprocess_env
 
 
 def cfg_for(space, *extra):
@@ -184,12 +171,6 @@ def test_mask_url_hides_passwords():
     assert mask_url("sqlite:///outputs/optuna.db") == "sqlite:///outputs/optuna.db"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_search_then_mlflow_ui_lists_the_runs(tmp_path, tiny_space):
     proc = subprocess.run(
         [sys.executable, "-m", "nas.search", f"+space={tiny_space}", "trials=2", *FAST],
@@ -202,44 +183,6 @@ def test_cli_search_then_mlflow_ui_lists_the_runs(tmp_path, tiny_space):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[2/2] trial" in proc.stdout
     assert "Traceback" not in proc.stderr and "INFO" not in proc.stdout
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            "sqlite:///outputs/mlflow.db",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=subprocess_env(),
-    )
-    try:
-        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(
-                    f"{base}/experiments/get-by-name?experiment_name=tiny-digits", timeout=5
-                ) as r:
-                    exp = json.load(r)["experiment"]
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        body = json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 100}).encode()
-        req = urllib.request.Request(f"{base}/runs/search", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            names = sorted(run["info"]["run_name"] for run in json.load(r)["runs"])
-        assert names == ["tiny-digits", "trial-0", "trial-1"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mlflow_ui(tmp_path, "tiny-digits") as (base, exp):
+        runs = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+    assert sorted(run["info"]["run_name"] for run in runs) == ["tiny-digits", "trial-0", "trial-1"]

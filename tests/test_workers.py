@@ -14,19 +14,10 @@ from optuna.trial import TrialState
 from nas.errors import NasError
 from nas.search import workers
 from nas.search.runner import run_search
+from tests.conftest import FAST as SEARCH_FAST
 from tests.conftest import compose_cfg
 
-FAST = (
-    "data=digits",
-    "train.epochs=1",
-    "data.repeat=1",
-    "train.batch_size=64",
-    "latency.device=cpu",
-    "latency.repeats=5",
-    "latency.warmup=2",
-    "latency.estimator=table",
-    "latency.calibrate=2",
-)
+FAST = (*SEARCH_FAST, "latency.estimator=table", "latency.calibrate=2")
 
 
 def _plan(*overrides, gpus=8):

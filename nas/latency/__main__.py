@@ -15,7 +15,7 @@ from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.latency.fidelity import build_table, validate
 from nas.latency.table import LatencyTable
 from nas.models import cost
-from nas.space import arch_from_text, list_spaces, load_space
+from nas.space import arch_from_text, require_space
 
 COMMANDS = ("build-table", "validate", "measure")
 USAGE = (
@@ -30,20 +30,13 @@ def _num_classes(cfg: DictConfig) -> int:
     return int(cfg.data.get("num_classes") or 10)
 
 
-def _space(cfg: DictConfig):
-    if "space" not in cfg:
-        names = ", ".join(sorted(list_spaces())) or "none found"
-        raise NasError(f"choose a search space with +space=NAME (available: {names})")
-    return load_space(cfg.space)
-
-
 def _progress(done: int, total: int) -> None:
     if done == total or done % 50 == 0:
         print(f"  measured {done}/{total} layers", flush=True)
 
 
 def _build(cfg: DictConfig) -> None:
-    space = _space(cfg)
+    space = require_space(cfg)
     table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
     print(f"latency table {table.path} for space {space.name} on {table.settings.device_name()}")
     measured = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
@@ -57,7 +50,7 @@ def _build(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    space = _space(cfg)
+    space = require_space(cfg)
     table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
     build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
     report = validate(space, table, _num_classes(cfg), int(cfg.n), int(cfg.seed))

@@ -31,7 +31,7 @@ from nas.search.study import (
     open_study,
     study_identity,
 )
-from nas.space import Space, list_spaces, load_space
+from nas.space import Space, require_space
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, flatten_config
 from nas.train.run import load_splits
@@ -52,13 +52,6 @@ def parse_trials(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise NasError(f"trials={value!r} must be a whole number >= 0 (trials finished in the study, e.g. trials=200)")
     return value
-
-
-def require_space(cfg: DictConfig) -> Space:
-    if "space" not in cfg or not cfg.space:
-        names = ", ".join(sorted(list_spaces())) or "none found"
-        raise NasError(f"choose a search space with +space=NAME; available in search_spaces/: {names}")
-    return load_space(cfg.space)
 
 
 def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any) -> None:

@@ -79,8 +79,13 @@ def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[subpro
     config = folder / "worker.yaml"
     OmegaConf.save(cfg, config, resolve=True)
     procs = []
+    # Split the CPU cores: k workers each using every core oversubscribe the machine (measured on 2 cores:
+    # 2 workers x 2 threads ran 0.44x as many trials per hour as one worker).
+    threads = str(max(1, (os.cpu_count() or 1) // len(plans)))
     for p in plans:
         env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", threads)
+        env.setdefault("MKL_NUM_THREADS", threads)
         if p.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(p.gpu)
         cmd = [

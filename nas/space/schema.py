@@ -291,3 +291,11 @@ def load_space(name_or_path: str | os.PathLike[str]) -> Space:
     except OSError as exc:
         raise SpaceError(f"{path}: cannot read space file: {exc.strerror}") from None
     return space_from_dict(raw, path.stem, str(path), path)
+
+
+def require_space(cfg: Any) -> Space:
+    """The space a command was given with ``+space=NAME``; without one, the message lists what exists."""
+    if "space" not in cfg or not cfg.space:
+        names = ", ".join(sorted(list_spaces())) or "none found"
+        raise SpaceError(f"choose a search space with +space=NAME; available in search_spaces/: {names}")
+    return load_space(cfg.space)
