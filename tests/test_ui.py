@@ -1,0 +1,63 @@
+"""The real command, then the MLflow UI on its database: REST API and headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, TINY_SPACE, mlflow_api, mlflow_ui, subprocess_env
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1600,1000", "--virtual-time-budget=30000"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.CompletedProcess, str, str, Path]]:
+    """``python -m nas.search`` run once, then ``mlflow ui`` serving its database."""
+    folder = tmp_path_factory.mktemp("ui")
+    space = folder / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.search", f"+space={space}", "trials=2", *FAST],
+        capture_output=True, text=True, cwd=folder, env=subprocess_env(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with mlflow_ui(folder, "tiny-digits") as (base, exp):
+        yield proc, base, exp, folder
+
+
+def test_cli_search_output_and_runs_served(searched):
+    proc, base, exp, _ = searched
+    assert "[2/2] trial" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    assert "Traceback" not in proc.stderr and "INFO" not in proc.stdout
+    runs = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+    assert sorted(run["info"]["run_name"] for run in runs) == ["tiny-digits", "trial-0", "trial-1"]
+
+
+def _browser(url: str, folder: Path) -> str:
+    profile = folder / f"profile-{time.monotonic_ns()}"
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+
+
+def test_mlflow_ui_shows_the_study_in_chromium(searched):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Chromium (.ci/run installs Debian's chromium)")
+        pytest.skip("Chromium is not installed here (apt-get install chromium)")
+    _, base, exp, folder = searched
+    runs_page = _browser(f"{base}/#/experiments/{exp}/runs", folder)
+    assert ">tiny-digits<" in runs_page  # the study's parent run; its trials are nested under it
+    trial = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "filter": "attributes.run_name = 'trial-1'"})
+    run_page = _browser(f"{base}/#/experiments/{exp}/runs/{trial['runs'][0]['info']['run_id']}", folder)
+    for text in ("trial-1", "val_acc", "latency_ms", "arch"):
+        assert text in run_page
