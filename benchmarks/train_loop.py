@@ -55,8 +55,9 @@ def plain_epoch(cfg, arch, dm) -> float:
     x_all, y_all, bs = dm.train_split.x, dm.train_split.y, dm.batch_size
     _sync()
     t0 = time.perf_counter()
-    order = torch.randperm(len(y_all), device=device)
-    for i in range(len(y_all) // bs):
+    steps = len(dm.train_dataloader())  # the same number of batches as the pipeline (data.repeat included)
+    order = torch.cat([torch.randperm(len(y_all), device=device) for _ in range(dm.repeat)])
+    for i in range(steps):
         idx = order[i * bs : (i + 1) * bs]
         x = to_network_input(random_crop_flip(x_all[idx], dm.pad, dm.hflip), dm.mean, dm.std, dm.resolution)
         if fmt is not None:
