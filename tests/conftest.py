@@ -66,8 +66,10 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-# A search small enough for CPU tests: digits, one short epoch, few latency repeats.
+# A search small enough for CPU tests: digits, one short epoch, few latency repeats, no plots
+# (5 s per search; test_search and test_retrain check them).
 FAST = (
+    "search.plots=false",
     "data=digits",
     "train.epochs=1",
     "data.repeat=1",

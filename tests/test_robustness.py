@@ -135,6 +135,26 @@ def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_spa
     assert "non-finite" in runs["2"].data.tags["nas.fail_reason"]
 
 
+def test_unbuildable_architecture_is_recorded_and_the_search_goes_on(in_tmp, tiny_space, monkeypatch):
+    import nas.search.objective as objective
+
+    real_cost, calls = objective.cost, []
+
+    def cost(arch, num_classes):
+        calls.append(arch)
+        if len(calls) == 1:
+            raise RuntimeError("Given input size: (64x1x1). Calculated output size: (64x0x0). Output size is too small")
+        return real_cost(arch, num_classes)
+
+    monkeypatch.setattr(objective, "cost", cost)
+    result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1"))
+    first, second = result.study.trials
+    assert first.state == TrialState.FAIL and "Output size is too small" in first.user_attrs["fail_reason"]
+    assert second.state == TrialState.COMPLETE
+    run = next(r for r in _runs(in_tmp) if r.data.tags.get("optuna.trial_number") == "0")
+    assert run.info.status == "FAILED" and "Output size is too small" in run.data.tags["nas.fail_reason"]
+
+
 def test_consecutive_failures_stop_the_search_early(in_tmp, tiny_space, capsys):
     cfg = compose_cfg(
         f"+space={tiny_space}",

@@ -31,7 +31,7 @@ def runs_of(study: str):
 
 
 def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space, capsys):
-    result = run_search(cfg_for(tiny_space, "trials=4"))
+    result = run_search(cfg_for(tiny_space, "trials=4", "search.plots=true"))
     assert result.exit_code == 0
     runs = runs_of("tiny-digits")
     parents = [r for r in runs if r.data.tags.get("nas.kind") == "study"]
@@ -44,6 +44,8 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "best")}
     assert {"best/best_trials.json", "best/best_trials.yaml", "best/best_arch.txt"} <= artifacts
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "space")] == ["space/tiny.yaml"]
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/pareto_front.png", "plots/pareto_front.html", "plots/optimization_history.png"} <= plots
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["nas.state"] == "complete" and run.info.status == "FINISHED"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -13,7 +10,7 @@ from nas.space import decode
 from nas.train.module import ClassifierModule, param_groups
 from nas.train.run import load_splits, make_datamodule, make_module, train_arch
 from nas.train.schedules import cosine, one_cycle
-from tests.conftest import TINY_ARCH, compose_cfg, subprocess_env
+from tests.conftest import TINY_ARCH, compose_cfg
 
 
 def test_config_groups_compose_and_override():
@@ -106,15 +103,11 @@ def test_lightning_training_logs_per_epoch_metrics_and_learns():
         assert key in metrics
 
 
-def test_train_cli_rejects_bad_arch_cleanly(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nas.train", "arch=nas1-r32-oops", "data=digits"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=subprocess_env(),
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "error: cannot decode architecture 'nas1-r32-oops'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_train_cli_rejects_bad_arch_cleanly(capsys):
+    from nas.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(compose_cfg("arch=nas1-r32-oops", "data=digits"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: cannot decode architecture 'nas1-r32-oops'" in err and "Traceback" not in err

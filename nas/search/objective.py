@@ -53,7 +53,7 @@ class FitClock(pl.Callback):
 @dataclass
 class TrialOutcome:
     number: int
-    state: str  # complete | pruned | infeasible | failed
+    state: str  # complete | pruned | infeasible | failed | surplus
     val_acc: float | None
     latency_ms: float | None
     params: int | None
@@ -61,6 +61,7 @@ class TrialOutcome:
     seconds: float
     reason: str | None = None
     reference: str | None = None
+    run_id: str | None = None
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -102,84 +103,28 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t0 = time.perf_counter()
-        if is_surplus(trial.study, trial.number, int(self.cfg.trials)):
-            trial.set_user_attr("state", "surplus")
-            raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials already started")
-        multi = is_multi_objective(self.cfg)
-        budget = self.cfg.latency.budget_ms
-        hard = budget is not None and self.cfg.search.objective == "accuracy"
-        arch, cfg, reference = self._arch_and_cfg(trial)
-        text = arch.encode()
-        trial.set_user_attr("arch", text)
-        c = cost(arch, self.num_classes)
-        latency = self.estimator.latency_ms(arch)
-        trial.set_user_attr("latency_ms", latency)
-        trial.set_user_attr("params", c.params)
-        trial.set_user_attr("flops", c.flops)
-        if budget is not None:
-            trial.set_constraint(CONSTRAINT_KEY, latency - float(budget))
-        run_id = self.tracker.start_trial(
-            trial.number,
-            {"arch": text, **trial.params, **({"reference": reference} if reference else {})},
-            {"nas.reference": reference} if reference else {},
-        )
-        self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": c.params, "flops": c.flops})
-        outcome = TrialOutcome(trial.number, "complete", None, latency, c.params, text, 0.0, reference=reference)
-        try:
-            if hard and latency > budget:
-                outcome.state = "infeasible"
-                trial.set_user_attr("state", "infeasible")
-                self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
-                return (0.0, latency) if multi else 0.0
-            clock = FitClock()
-            callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), clock]
-            fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
-            if fault:
-                callbacks.append(FaultInjection(fault))
-            if not multi and self.cfg.search.pruner != "none":
-                callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val_acc"))
-            dm = self.datamodule(cfg, arch.resolution)
-            result = train_arch(cfg, arch, dm, callbacks=callbacks)
-            outcome.val_acc = result.val_acc
-            trial.set_user_attr("state", "complete")
-            trial.set_user_attr("val_acc", result.val_acc)
-            total = time.perf_counter() - t0
-            trial.set_user_attr("time_s", {"total": total, "epochs": clock.seconds})
-            self.tracker.log_metrics(
-                run_id,
-                {
-                    "val_acc": result.val_acc,
-                    "val_loss": result.val_loss,
-                    "time_total_s": total,
-                    "time_epochs_s": clock.seconds,
-                    "time_fixed_s": total - clock.seconds,
-                },
-            )
-            self.tracker.end_trial(run_id, "complete", "FINISHED")
-            if multi:
-                return result.val_acc, latency
-            if self.cfg.search.objective == "mnas":
-                return result.val_acc * (latency / float(budget)) ** float(self.cfg.search.mnas_exponent)
-            return result.val_acc
+        outcome = TrialOutcome(trial.number, "complete", None, None, None, None, 0.0)
+        try:  # everything after ask(): whatever happens, the trial and its run end in a recorded state
+            if is_surplus(trial.study, trial.number, int(self.cfg.trials)):
+                outcome.state = "surplus"
+                trial.set_user_attr("state", "surplus")
+                raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials already started")
+            return self._run(trial, outcome, t0)
+        except SurplusTrial:
+            raise
         except optuna.TrialPruned:
             outcome.state = "pruned"
             trial.set_user_attr("state", "pruned")
-            self.tracker.end_trial(run_id, "pruned", "FINISHED")
+            self._end(outcome.run_id, "pruned", "FINISHED")
             raise
         except (SearchInterrupted, KeyboardInterrupt, SystemExit) as exc:
             reason = str(exc) if isinstance(exc, SearchInterrupted) else "interrupted"
-            outcome.state, outcome.reason = "failed", reason
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("fail_reason", reason)
-            self.tracker.end_trial(run_id, "failed", "KILLED", reason)
+            self._failed(trial, outcome, reason, "KILLED")
             # Optuna marks a trial FAIL only for Exception/KeyboardInterrupt; anything else would leave it RUNNING.
             raise KeyboardInterrupt(reason) from exc
         except Exception as exc:
             reason = failure_reason(exc)
-            outcome.state, outcome.reason = "failed", reason
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("fail_reason", reason)
-            self.tracker.end_trial(run_id, "failed", "FAILED", reason)
+            self._failed(trial, outcome, reason, "FAILED")
             raise TrialFailed(reason) from exc
         finally:
             outcome.seconds = time.perf_counter() - t0
@@ -187,3 +132,72 @@ class Objective:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _end(self, run_id: str | None, state: str, status: str, reason: str | None = None) -> None:
+        if run_id is not None:
+            self.tracker.end_trial(run_id, state, status, reason)
+
+    def _failed(self, trial: optuna.Trial, outcome: TrialOutcome, reason: str, status: str) -> None:
+        outcome.state, outcome.reason = "failed", reason
+        trial.set_user_attr("state", "failed")
+        trial.set_user_attr("fail_reason", reason)
+        self._end(outcome.run_id, "failed", status, reason)
+
+    def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
+        multi = is_multi_objective(self.cfg)
+        budget = self.cfg.latency.budget_ms
+        hard = budget is not None and self.cfg.search.objective == "accuracy"
+        arch, cfg, reference = self._arch_and_cfg(trial)
+        text = arch.encode()
+        outcome.arch, outcome.reference = text, reference
+        trial.set_user_attr("arch", text)
+        run_id = self.tracker.start_trial(
+            trial.number,
+            {"arch": text, **trial.params, **({"reference": reference} if reference else {})},
+            {"nas.reference": reference} if reference else {},
+        )
+        outcome.run_id = run_id
+        c = cost(arch, self.num_classes)  # builds the network: an unbuildable one fails here, recorded
+        latency = self.estimator.latency_ms(arch)
+        outcome.latency_ms, outcome.params = latency, c.params
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("params", c.params)
+        trial.set_user_attr("flops", c.flops)
+        if budget is not None:
+            trial.set_constraint(CONSTRAINT_KEY, latency - float(budget))
+        self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": c.params, "flops": c.flops})
+        if hard and latency > budget:
+            outcome.state = "infeasible"
+            trial.set_user_attr("state", "infeasible")
+            self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
+            return (0.0, latency) if multi else 0.0
+        clock = FitClock()
+        callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), clock]
+        fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
+        if fault:
+            callbacks.append(FaultInjection(fault))
+        if not multi and self.cfg.search.pruner != "none":
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val_acc"))
+        dm = self.datamodule(cfg, arch.resolution)
+        result = train_arch(cfg, arch, dm, callbacks=callbacks)
+        outcome.val_acc = result.val_acc
+        trial.set_user_attr("state", "complete")
+        trial.set_user_attr("val_acc", result.val_acc)
+        total = time.perf_counter() - t0
+        trial.set_user_attr("time_s", {"total": total, "epochs": clock.seconds})
+        self.tracker.log_metrics(
+            run_id,
+            {
+                "val_acc": result.val_acc,
+                "val_loss": result.val_loss,
+                "time_total_s": total,
+                "time_epochs_s": clock.seconds,
+                "time_fixed_s": total - clock.seconds,
+            },
+        )
+        self.tracker.end_trial(run_id, "complete", "FINISHED")
+        if multi:
+            return result.val_acc, latency
+        if self.cfg.search.objective == "mnas":
+            return result.val_acc * (latency / float(budget)) ** float(self.cfg.search.mnas_exponent)
+        return result.val_acc

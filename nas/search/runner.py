@@ -117,7 +117,8 @@ def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped
         if tracker.parent_run_id:
             tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
         lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, limit=len(front))]
-    publish_plots(study, tracker)
+    if cfg.search.plots:
+        publish_plots(study, tracker)
     code, message = 0, ""
     if not best and counts["infeasible"] and cfg.latency.budget_ms is not None:
         fastest = min(
