@@ -147,11 +147,6 @@ class StudyTracker:
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, status=status)
 
-    def trial_runs(self) -> list[Any]:
-        return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`nas.study` = '{self.study_name}' and tags.`nas.kind` = 'trial'"
-        )
-
     def close_stale_runs(self, running_trial_numbers: set[int]) -> int:
         """End trial runs left RUNNING by a killed process (their Optuna trial is no longer running)."""
         closed = 0
