@@ -12,7 +12,7 @@ from nas.data.augment import random_crop_flip, to_network_input
 from nas.data.datamodule import TensorImageDataModule
 from nas.data.sources import DataError, cifar10, digits, imagefolder, svhn
 from nas.train.run import load_splits, make_datamodule
-from tests.conftest import CIFAR_JPG, ROOT, compose_cfg, subprocess_env
+from tests.conftest import CIFAR_JPG, compose_cfg, subprocess_env
 
 
 def test_validation_split_is_disjoint_and_seeded():
@@ -165,7 +165,3 @@ def test_real_cifar10_jpg_through_imagefolder(tmp_path):
     assert len(dm.val_split.y) == 5000 and len(dm.train_split.y) == 45_000
     # Measured statistics match the copy's README (0.4898, 0.4802, 0.4442) closely.
     torch.testing.assert_close(dm.mean.flatten(), torch.tensor([0.4898, 0.4802, 0.4442]), atol=0.01, rtol=0)
-
-
-def test_project_root_is_importable():
-    assert (ROOT / "conf" / "config.yaml").is_file()

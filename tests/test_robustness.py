@@ -43,6 +43,12 @@ def _start(cwd: Path, space: Path, *args: str) -> tuple[subprocess.Popen, list[s
     return proc, lines
 
 
+def _rerun(cwd: Path, space: Path, *args: str) -> subprocess.CompletedProcess:
+    """The same command again, to completion: what a user does to resume."""
+    cmd = [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+
+
 def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not any(text in line for line in lines):
@@ -71,14 +77,7 @@ def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig
     assert runs[None].info.status == "KILLED"  # the study's parent run
     first_value = study.trials[0].value
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    done = _rerun(tmp_path, tiny_space, "trials=2")
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -99,14 +98,7 @@ def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
         "RUNNING"
     }
     time.sleep(2.5)  # past the grace period (2 x heartbeat)
-    done = subprocess.run(
-        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, "trials=3", "search.heartbeat_s=1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    done = _rerun(tmp_path, tiny_space, "trials=3", "search.heartbeat_s=1")
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     assert study.trials[killed.number].state == TrialState.FAIL
