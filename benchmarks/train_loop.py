@@ -5,7 +5,8 @@
 
 Both use the same architecture (MobileNetV3-Small adapted to 32 px), batch size, optimizer
 (SGD, Nesterov), channels-last choice and on-device augmentation; the plain loop is what a user
-would write by hand. Each is run once to warm up, then timed. Writes
+would write by hand. On a GPU the pipeline is timed twice: eager, and with ``train.cuda_graph=true``
+(the whole step captured as one CUDA graph). Each is run once to warm up, then timed. Writes
 benchmarks/results/train_loop-<device>.json and .md.
 """
 
@@ -74,35 +75,46 @@ def main(overrides: list[str]) -> None:
     quiet_libraries()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["train.epochs=1", *overrides])
+        # On a GPU the pipeline is also timed with its captured training step.
+        graphed = ["train.cuda_graph=true"] if torch.cuda.is_available() else None
+        graph_cfg = (
+            compose(config_name="config", overrides=["train.epochs=1", *overrides, *graphed]) if graphed else None
+        )
     splits = load_splits(cfg.data)
     arch = arch_from_text("reference:mobilenet_v3_small", int(splits.train_x.shape[-1]))
     dm = make_datamodule(cfg, splits, arch.resolution)
     images = len(dm.train_dataloader()) * dm.batch_size
-    pipeline_epoch(cfg, arch, dm), plain_epoch(cfg, arch, dm)  # warm-up (allocator, kernels)
+    pipelines = {"pipeline (Lightning + TensorImageDataModule)": cfg}
+    if graph_cfg is not None:
+        pipelines["pipeline, train.cuda_graph=true"] = graph_cfg
+    for variant in pipelines.values():  # warm-up (allocator, kernels)
+        pipeline_epoch(variant, arch, dm)
+    plain_epoch(cfg, arch, dm)
     plain = min(plain_epoch(cfg, arch, dm) for _ in range(2))
-    pipe = min(pipeline_epoch(cfg, arch, dm) for _ in range(2))
+    timed = {name: min(pipeline_epoch(variant, arch, dm) for _ in range(2)) for name, variant in pipelines.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     result = {
         "device": device,
+        "torch": torch.__version__,
         "overrides": overrides,
         "images": images,
         "batch_size": dm.batch_size,
-        "pipeline_s": pipe,
         "plain_s": plain,
-        "ratio": pipe / plain,
-        "pipeline_images_per_s": images / pipe,
         "plain_images_per_s": images / plain,
+        "pipelines": {
+            name: {"s": t, "images_per_s": images / t, "ratio_to_plain": t / plain} for name, t in timed.items()
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     slug = device.replace(" ", "_").lower()
     (RESULTS / f"train_loop-{slug}.json").write_text(json.dumps(result, indent=1))
+    rows = "".join(f"| {name} | {t:.2f} | {images / t:.0f} | {t / plain:.3f} |\n" for name, t in timed.items())
     text = (
         f"# One training epoch on {device}: pipeline vs plain PyTorch loop\n\n"
         f"`python benchmarks/train_loop.py {' '.join(overrides)}` (MobileNetV3-Small at {arch.resolution} px, "
-        f"{images} images, batch {dm.batch_size}; best of 2 after a warm-up)\n\n"
-        f"| loop | seconds | images/s |\n|---|---|---|\n"
-        f"| pipeline (Lightning + TensorImageDataModule) | {pipe:.2f} | {images / pipe:.0f} |\n"
-        f"| plain PyTorch loop | {plain:.2f} | {images / plain:.0f} |\n\nratio pipeline / plain: {pipe / plain:.3f}\n"
+        f"{images} images, batch {dm.batch_size}, torch {torch.__version__}; best of 2 after a warm-up)\n\n"
+        f"| loop | seconds | images/s | ratio to plain |\n|---|---|---|---|\n"
+        f"{rows}| plain PyTorch loop (eager) | {plain:.2f} | {images / plain:.0f} | 1 |\n"
     )
     (RESULTS / f"train_loop-{slug}.md").write_text(text)
     print(text)

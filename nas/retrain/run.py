@@ -24,7 +24,7 @@ from nas.search.study import make_storage
 from nas.space import arch_from_text
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
-from nas.train.run import load_splits, make_datamodule, make_module, make_trainer
+from nas.train.run import check_train_cfg, load_splits, make_datamodule, make_module, make_trainer
 
 
 @dataclass
@@ -66,6 +66,7 @@ def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Pr
 
 
 def retrain(cfg: DictConfig) -> RetrainResult:
+    check_train_cfg(cfg)
     client = connect(cfg.mlflow)
     splits = load_splits(cfg.data)
     sel, space = select(cfg, client, int(splits.train_x.shape[-1]))

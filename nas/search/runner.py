@@ -34,7 +34,7 @@ from nas.search.study import (
 from nas.space import Space, require_space
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, flatten_config
-from nas.train.run import load_splits
+from nas.train.run import check_train_cfg, load_splits
 
 EXIT_NO_FEASIBLE = 3
 EXIT_TOO_MANY_FAILURES = 4
@@ -156,6 +156,7 @@ def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
 def run_search(cfg: DictConfig) -> SearchResult:
     target = parse_trials(cfg.trials)
     check_search_cfg(cfg)
+    check_train_cfg(cfg)
     space = require_space(cfg)
     validate_hparams(cfg.search.hparams, cfg)
     worker = cfg.search.role == "worker"

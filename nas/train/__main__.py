@@ -9,7 +9,7 @@ from nas.cli import CONF_DIR, quiet_libraries, user_errors
 from nas.errors import NasError
 from nas.models import cost
 from nas.space import arch_from_text
-from nas.train.run import load_splits, make_datamodule, train_arch
+from nas.train.run import check_train_cfg, load_splits, make_datamodule, train_arch
 
 
 @user_errors
@@ -17,6 +17,7 @@ def main(cfg: DictConfig) -> float:
     quiet_libraries()
     if not cfg.arch:
         raise NasError("give the architecture to train: arch='<encoded string>' or arch=reference:mobilenet_v3_small")
+    check_train_cfg(cfg)
     splits = load_splits(cfg.data)
     arch = arch_from_text(cfg.arch, int(splits.train_x.shape[-1]))
     dm = make_datamodule(cfg, splits, arch.resolution)

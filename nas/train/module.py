@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from nas.models import build
 from nas.space import Arch, decode
+from nas.train.graphed_step import GraphedTrainStep, graph_ready_optimizer
 
 OptimizerFactory = Callable[[Iterable[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -41,6 +42,7 @@ class ClassifierModule(pl.LightningModule):
         dropout: float = 0.2,
         bn_momentum: float = 0.1,
         channels_last: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         arch_text = arch.encode() if isinstance(arch, Arch) else arch
@@ -63,32 +65,79 @@ class ClassifierModule(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._all_finite: torch.Tensor | None = None
+        # Training loss sum, correct predictions, non-finite losses: summed on the device in place
+        # (a captured graph keeps their addresses), read once per epoch.
+        self.register_buffer("_epoch_sums", torch.zeros(3), persistent=False)
+        self._epoch_steps = 0
+        self._epoch_images = 0
+        # A captured step owns the optimizer and schedule, so Lightning must not step them itself.
+        self.cuda_graph = cuda_graph
+        self.automatic_optimization = not cuda_graph
+        self._graphed: GraphedTrainStep | None = None
+        self.graph_captured = False  # whether the last fit really replayed a CUDA graph (not on a CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _accumulate(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        correct = (logits.argmax(1) == y).sum()
+        self._epoch_sums.add_(torch.stack([loss, correct.to(loss.dtype), (~torch.isfinite(loss)).to(loss.dtype)]))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
-        self.train_acc.update(logits.detach(), y)
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        # Accumulated on the device: one host sync per epoch, not per step.
-        finite = torch.isfinite(loss.detach())
-        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
+        if self.cuda_graph:
+            self._graphed_step(x, y)
+            loss = None
+        else:
+            logits = self(x)
+            loss = self.criterion(logits, y)
+            self._accumulate(loss.detach(), logits.detach(), y)
+        self._epoch_steps += 1
+        self._epoch_images += len(y)
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            # Logged once, at the epoch's last batch, so callbacks see it in on_train_epoch_end.
+            sums = self._epoch_sums
+            self.log("train_loss", sums[0] / self._epoch_steps, on_step=False, on_epoch=True)
+            self.log("train_acc", sums[1] / self._epoch_images, on_step=False, on_epoch=True)
         return loss
 
+    def _train_step_body(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward, backward and update without a host sync: the part a CUDA graph captures."""
+        optimizer = self._graphed.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        loss.backward()
+        optimizer.step()
+        self._accumulate(loss.detach(), logits.detach(), y)
+
+    def _graphed_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        lightning_optimizer = self.optimizers()
+        if self._graphed is None:
+            self._graphed = GraphedTrainStep(self._train_step_body, lightning_optimizer.optimizer)
+        # Lightning counts optimizer steps (global_step) around its own step(); a replay bypasses it.
+        lightning_optimizer._on_before_step()
+        self._graphed(x, y)
+        lightning_optimizer._on_after_step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
     def on_train_epoch_start(self) -> None:
-        self._all_finite: torch.Tensor | None = None
+        self._epoch_sums.zero_()
+        self._epoch_steps = self._epoch_images = 0
+
+    def on_train_end(self) -> None:
+        if self._graphed is not None:
+            self.graph_captured = self._graphed.captured
+            self._graphed.release()
+            self._graphed = None
 
     def on_validation_epoch_start(self) -> None:
         # Validation runs inside the training epoch: stop before evaluating a diverged network.
-        if self._all_finite is not None and not bool(self._all_finite):
+        if self._epoch_steps and bool(self._epoch_sums[2] > 0):
             raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric: MulticlassAccuracy) -> None:
@@ -106,6 +155,8 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        if self.cuda_graph:
+            optimizer = graph_ready_optimizer(optimizer, param_groups(self.model, self.weight_decay))
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))

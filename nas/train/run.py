@@ -15,6 +15,7 @@ from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
 from nas.errors import NasError
 from nas.space import Arch
+from nas.train.graphed_step import GRAPH_OPTIMIZERS
 from nas.train.module import ClassifierModule
 
 
@@ -36,6 +37,38 @@ def use_channels_last(choice: bool | str, accelerator: str) -> bool:
     if choice == "auto":
         return resolve_accelerator(accelerator) == "cpu"
     return bool(choice)
+
+
+def use_cuda_graph(train_cfg: DictConfig) -> bool:
+    """A captured step needs a CUDA device, full precision and a fused optimizer; else it is an error."""
+    if not train_cfg.get("cuda_graph", False):
+        return False
+    if str(train_cfg.precision) not in ("32-true", "32"):
+        raise NasError(
+            f"train.cuda_graph=true supports train.precision=32-true only, not {train_cfg.precision}; "
+            "use train.precision=32-true with it, or set train.cuda_graph=false"
+        )
+    target = str(train_cfg.optimizer.get("_target_", ""))
+    known = [f"{c.__module__.rsplit('.', 1)[0]}.{c.__name__}" for c in GRAPH_OPTIMIZERS]
+    if target not in known:
+        raise NasError(
+            f"train.cuda_graph=true supports the optimizers {', '.join(known)}, not {target}; "
+            "pick train/optimizer=sgd or adamw, or set train.cuda_graph=false"
+        )
+    if resolve_accelerator(train_cfg.accelerator) != "gpu":
+        raise NasError(
+            "train.cuda_graph=true captures the training step as a CUDA graph and needs a CUDA device; "
+            "set train.cuda_graph=false to train on the CPU"
+        )
+    return True
+
+
+def check_train_cfg(cfg: DictConfig) -> None:
+    """Settings that would fail every run, refused before any data is loaded or trial started."""
+    if cfg.train.epochs <= 0:
+        raise NasError(f"train.epochs must be positive, got {cfg.train.epochs}")
+    resolve_accelerator(cfg.train.accelerator)
+    use_cuda_graph(cfg.train)
 
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
@@ -81,6 +114,7 @@ def make_module(cfg: DictConfig, arch: Arch, num_classes: int) -> ClassifierModu
         dropout=t.dropout,
         bn_momentum=t.bn_momentum,
         channels_last=use_channels_last(t.channels_last, t.accelerator),
+        cuda_graph=use_cuda_graph(t),
     )
 
 
@@ -123,8 +157,7 @@ def train_arch(
     logger: Any = False,
 ) -> TrainResult:
     """Train ``arch`` with the configured recipe and return its final validation metrics."""
-    if cfg.train.epochs <= 0:
-        raise NasError(f"train.epochs must be positive, got {cfg.train.epochs}")
+    check_train_cfg(cfg)
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = make_module(cfg, arch, datamodule.num_classes)
     trainer = make_trainer(cfg, callbacks, logger)
