@@ -131,15 +131,18 @@ def test_train_cli_missing_data_exits_cleanly(tmp_path):
 
 
 def test_imagefolder_single_folder_layout_and_cache(tmp_path):
-    from torchvision.io import write_png
+    from torchvision.transforms.functional import to_pil_image
 
+    written = []
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
-            write_png(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8), str(tmp_path / "imgs" / cls / f"{i}.png"))
+            written.append(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8))
+            to_pil_image(written[-1]).save(tmp_path / "imgs" / cls / f"{i}.png")
     cache = tmp_path / "cache"
     s = imagefolder(tmp_path / "imgs", cache_dir=cache)
     assert s.train_x.shape == (6, 3, 12, 12) and s.test_x is None
+    assert torch.equal(s.train_x, torch.stack(written))  # PNG is lossless: the pixels come back exactly
     assert s.classes == ["cat", "dog"] and s.train_y.tolist() == [0, 0, 0, 1, 1, 1]
     assert len(list(cache.glob("*.pt"))) == 1
     again = imagefolder(tmp_path / "imgs", cache_dir=cache)
