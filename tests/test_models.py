@@ -94,3 +94,15 @@ def test_cost_uses_flop_counter_and_scales_with_resolution():
 def test_build_rejects_bad_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         build(reference("mobilenet_v3_small"), num_classes=0)
+
+
+@pytest.mark.parametrize("act", ["re", "hs"])
+def test_every_activation_backpropagates_with_dropout(act):
+    # A ReLU head followed by an in-place dropout broke backward ("modified by an inplace operation").
+    arch = decode(f"nas1-r16-w0.5-stem_c16_s1_{act}-k3_e2_c16_s2_{act}_se-k5_e3_c24_s2_{act}-head_c64_{act}-fc_c64")
+    model = build(arch, 10, dropout=0.5).train()
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

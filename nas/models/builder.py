@@ -80,7 +80,9 @@ def make_classifier(arch: Arch, num_classes: int, dropout: float) -> nn.Sequenti
     return nn.Sequential(
         nn.Linear(head_out, hidden),
         ACTIVATION_LAYERS[arch.head_activation](inplace=True),
-        nn.Dropout(p=dropout, inplace=True),
+        # Not in place (torchvision's is): ReLU's backward needs its output, which an in-place
+        # dropout would overwrite; the tensor is one vector per image, so the copy costs nothing.
+        nn.Dropout(p=dropout),
         nn.Linear(hidden, num_classes),
     )
 
