@@ -1,0 +1,76 @@
+"""Any space a user may write, not only the shipped ones: sample, round-trip, build, train a step.
+
+Spaces are generated from everything the schema allows (kernels 3/5/7, fractional expansions,
+SE, both activations everywhere, 1-4 stages, tiny inputs down to 8 px), so a combination the
+shipped spaces never use (a ReLU head, a stride-2 stem at 8 px) is exercised too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nas.latency.table import arch_components, space_components
+from nas.models import build, cost, count_params
+from nas.space import decode
+from nas.space.schema import space_from_dict
+
+
+def _one_or_more(elements: st.SearchStrategy) -> st.SearchStrategy:
+    """A fixed value or a list of choices, as a space file may write either."""
+    return st.lists(elements, min_size=1, max_size=3, unique=True).map(lambda v: v[0] if len(v) == 1 else v)
+
+
+ACT = _one_or_more(st.sampled_from(["relu", "hswish"]))
+BLOCK = {
+    "kernel": _one_or_more(st.sampled_from([3, 5, 7])),
+    "expansion": _one_or_more(st.sampled_from([1, 2.3, 3, 4.5, 6])),
+    "se": _one_or_more(st.booleans()),
+    "activation": ACT,
+}
+STAGE = st.fixed_dictionaries(
+    {
+        "channels": _one_or_more(st.integers(4, 40)),
+        "stride": _one_or_more(st.sampled_from([1, 2])),
+        "depth": _one_or_more(st.integers(1, 3)),
+    },
+    optional=BLOCK,  # a stage may override the shared block choices
+)
+SPACES = st.fixed_dictionaries(
+    {
+        "resolution": _one_or_more(st.sampled_from([8, 12, 16])),
+        "width": _one_or_more(st.sampled_from([0.25, 0.35, 0.5, 1.0])),
+        "stem": st.fixed_dictionaries(
+            {
+                "channels": _one_or_more(st.integers(4, 24)),
+                "stride": _one_or_more(st.sampled_from([1, 2])),
+                "activation": ACT,
+            }
+        ),
+        "block": st.fixed_dictionaries(BLOCK),
+        "stages": st.lists(STAGE, min_size=1, max_size=4),
+        "head": st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96)), "activation": ACT}),
+        "classifier": st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96))}),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=SPACES, seed=st.integers(0, 2**16))
+def test_any_valid_space_samples_networks_that_round_trip_build_and_train(raw, seed):
+    space = space_from_dict(raw, "generated")
+    arch = space.sample(np.random.default_rng(seed))
+    text = arch.encode()
+    assert decode(text) == arch and decode(text).encode() == text
+    model = build(decode(text), 10, dropout=0.3).train()
+    assert count_params(model) == count_params(build(arch, 10)) == cost(arch, 10).params
+    r = arch.resolution
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, r, r)), torch.tensor([1, 7]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # The latency table enumerated for the space holds every layer of the sampled network.
+    table_keys = {c.key for c in space_components(space, 10)}
+    assert {c.key for c in arch_components(arch, 10)} <= table_keys
