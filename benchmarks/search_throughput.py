@@ -2,6 +2,7 @@
 
     python benchmarks/search_throughput.py --workers 2 --trials 8 data=digits train.epochs=1
     python benchmarks/search_throughput.py --per-gpu 4 --trials 40 data=imagefolder data.root=/tmp/cifar10-sub
+    python benchmarks/search_throughput.py --per-gpu 1 --cuda-graph --trials 40 data=imagefolder data.root=...
 
 Runs ``python -m nas.search`` twice in a scratch folder (fresh studies, table latency so that
 concurrent workers never measure), prints trials/hour for both, their ratio and the per-trial
@@ -63,8 +64,15 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="CPU (or unpinned) worker processes")
     parser.add_argument("--per-gpu", type=int, default=0, help="trials per GPU instead of --workers")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="the second run also captures its training steps (train.cuda_graph)"
+    )
     args, overrides = parser.parse_known_args()
+    if args.cuda_graph and not torch.cuda.is_available():
+        parser.error("--cuda-graph captures training steps as CUDA graphs and needs a CUDA device")
     parallel = [f"search.trials_per_gpu={args.per_gpu}"] if args.per_gpu else [f"search.workers={args.workers}"]
+    if args.cuda_graph:  # the baseline stays one-at-a-time eager trials
+        parallel.append("train.cuda_graph=true")
     k = args.per_gpu or args.workers
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -83,7 +91,7 @@ if __name__ == "__main__":
         "cpus": os.cpu_count(),
         "space": args.space,
         "trials": args.trials,
-        "parallel": parallel[0],
+        "parallel": " ".join(parallel),
         "overrides": overrides,
         "one_worker": one,
         f"{k}_workers": many,
@@ -100,7 +108,7 @@ if __name__ == "__main__":
         "| run | wall s | trials/hour | mean trial s | mean fixed cost s | mean val_acc |",
         "|---|---|---|---|---|---|",
     ]
-    for label, r in (("1 worker", one), (parallel[0], many)):
+    for label, r in (("1 worker", one), (" ".join(parallel), many)):
         lines.append(
             f"| {label} | {r['wall_s']:.1f} | {r['trials_per_hour']:.0f} | {r['mean_trial_s']:.2f} | "
             f"{r['mean_fixed_cost_s']:.2f} | {r['mean_val_acc']:.4f} |"
