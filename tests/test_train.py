@@ -111,3 +111,15 @@ def test_train_cli_rejects_bad_arch_cleanly(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: cannot decode architecture 'nas1-r32-oops'" in err and "Traceback" not in err
+
+
+def test_epoch_counts_stay_exact_when_the_module_is_cast_to_bf16():
+    # train.precision=bf16-true casts every floating buffer; bf16 counts stop growing at 256.
+    cfg = compose_cfg("data=digits", "train.epochs=2", "train/optimizer=adamw", "train.precision=bf16-true")
+    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    result = train_arch(cfg, decode(TINY_ARCH), dm)
+    images = len(dm.train_dataloader()) * dm.batch_size  # 4,600 per epoch: far past 256
+    sums = result.module._epoch_sums
+    assert sums.dtype == torch.float32
+    assert float(sums[1]) == pytest.approx(float(result.module.trainer.callback_metrics["train_acc"]) * images)
+    assert 0.3 < float(result.module.trainer.callback_metrics["train_acc"]) <= 1.0

@@ -68,8 +68,9 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         # Training loss sum, correct predictions, non-finite losses: summed on the device in place
-        # (a captured graph keeps their addresses), read once per epoch.
-        self.register_buffer("_epoch_sums", torch.zeros(3), persistent=False)
+        # (a captured graph keeps their address), read once per epoch. Not a buffer: a module cast
+        # (train.precision=bf16-true) must not turn the counts into bf16, exact only up to 256.
+        self._epoch_sums = torch.zeros(3)
         self._epoch_steps = 0
         self._epoch_images = 0
         # A captured step owns the optimizer and schedule, so Lightning must not step them itself.
@@ -83,7 +84,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _accumulate(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         correct = (logits.argmax(1) == y).sum()
-        self._epoch_sums.add_(torch.stack([loss, correct.to(loss.dtype), (~torch.isfinite(loss)).to(loss.dtype)]))
+        self._epoch_sums.add_(torch.stack([loss.float(), correct.float(), (~torch.isfinite(loss)).float()]))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
@@ -126,6 +127,8 @@ class ClassifierModule(pl.LightningModule):
             scheduler.step()
 
     def on_train_epoch_start(self) -> None:
+        if self._epoch_sums.device != self.device:
+            self._epoch_sums = torch.zeros(3, device=self.device)
         self._epoch_sums.zero_()
         self._epoch_steps = self._epoch_images = 0
 
