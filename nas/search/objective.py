@@ -18,7 +18,7 @@ from nas.data.sources import ImageSplits
 from nas.latency.estimator import LatencyEstimator
 from nas.models import cost
 from nas.search.faults import FaultInjection
-from nas.search.hparams import apply_hparams, sample_hparams
+from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
 from nas.search.interrupts import SearchInterrupted
 from nas.search.study import is_multi_objective, is_surplus
 from nas.space import Arch, Space, decode
@@ -98,7 +98,7 @@ class Objective:
         if reference is not None:  # an enqueued yardstick: its own arch, the default recipe
             return decode(trial.user_attrs["arch"]), self.cfg, reference
         arch = self.space.sample(trial)
-        hparams = sample_hparams(trial, self.cfg.search.hparams)
+        hparams = sample_hparams(trial, resolve_hparams(self.cfg.search.hparams, self.cfg))
         return arch, apply_hparams(self.cfg, hparams), None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:

@@ -18,7 +18,7 @@ from nas.latency.table import LatencyTable
 from nas.report import publish_plots
 from nas.search import workers
 from nas.search.console import ranked, state_counts, summary_table, trial_line
-from nas.search.hparams import validate_hparams
+from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed
 from nas.search.study import (
@@ -158,7 +158,7 @@ def run_search(cfg: DictConfig) -> SearchResult:
     check_search_cfg(cfg)
     check_train_cfg(cfg)
     space = require_space(cfg)
-    validate_hparams(cfg.search.hparams, cfg)
+    resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts
     worker = cfg.search.role == "worker"
     plans = [] if worker else workers.plan(cfg)
     workers.check_latency_for_concurrency(cfg, len(plans))
