@@ -21,10 +21,12 @@ FAST = LatencySettings(device="cpu", batch_size=1, threads=1, warmup=3, repeats=
 
 def test_measurement_is_positive_and_repeatable():
     arch = reference("mobilenet_v3_small", resolution=64, stem_stride=1, first_stride2_as_1=1)
-    medians = [measure_arch(arch, 10, LatencySettings(device="cpu", warmup=5, repeats=20)).median_ms for _ in range(3)]
-    assert all(m > 0 for m in medians)
-    # A noisy 2-core machine: repeats of the same network agree within 35% of each other.
-    assert max(medians) / min(medians) < 1.35
+    runs = [measure_arch(arch, 10, LatencySettings(device="cpu", warmup=5, repeats=20)) for _ in range(3)]
+    assert all(0 < r.p10_ms <= r.median_ms for r in runs)
+    # Repeats of the same network agree within 35%, compared on the fast tail (p10): a busy shared
+    # machine stretches medians (2x seen with another job running) far more than the fastest runs.
+    fast = [r.p10_ms for r in runs]
+    assert max(fast) / min(fast) < 1.35
     stats = measure_module(torch.nn.Conv2d(3, 8, 3), (1, 3, 16, 16), FAST)
     assert stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.samples == 10 and stats.cv >= 0
 

@@ -16,8 +16,9 @@ import nas
 from nas.errors import NasError
 from nas.models import build
 from nas.retrain.export import export_onnx
-from nas.retrain.run import retrain
+from nas.retrain.run import check_same_setup, retrain
 from nas.retrain.select import from_run, from_study
+from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
 from nas.tracking.plots import study_plots
@@ -189,3 +190,33 @@ def test_retrain_cli_with_explicit_arch(tmp_path):
     assert "registered models:/tiny-arch/1 (alias @champion)" in proc.stdout
     assert "test_acc" in proc.stdout and "Traceback" not in proc.stderr
     assert Path(tmp_path / "outputs" / "mlflow.db").is_file()
+
+
+def test_retraining_needs_the_data_and_recipe_the_study_was_searched_with():
+    study = _single()
+    identity = {"data": "digits", "optimizer": "torch.optim.AdamW", "schedule": "nas.train.schedules.one_cycle"}
+    study.set_user_attr("identity", identity)
+    with pytest.raises(NasError) as err:
+        check_same_setup(study, compose_cfg())  # the defaults: CIFAR-10, SGD + cosine
+    message = str(err.value)
+    assert "data digits (now cifar10), optimizer torch.optim.AdamW (now torch.optim.SGD)" in message
+    assert message.endswith("add data=digits train/optimizer=adamw train/schedule=onecycle")
+    check_same_setup(study, compose_cfg("data=digits", "train/optimizer=adamw", "train/schedule=onecycle"))
+    check_same_setup(_single(), compose_cfg())  # a study stored without them is not held against
+
+
+def test_retrain_command_carries_data_recipe_and_non_default_stores():
+    cfg = compose_cfg(
+        "data=imagefolder",
+        "data.root=/data/cifar10-jpg",
+        "train/optimizer=adamw",
+        "study.storage=postgresql://nas:secret@db/nas",
+        "mlflow.tracking_uri=http://mlflow:5000",
+    )
+    assert retrain_command(cfg, "s") == (
+        "python -m nas.retrain study.name=s data=imagefolder data.root=/data/cifar10-jpg train/optimizer=adamw "
+        "train/schedule=cosine study.storage=postgresql://nas:***@db/nas mlflow.tracking_uri=http://mlflow:5000"
+    )
+    assert retrain_command(compose_cfg(), "s") == (
+        "python -m nas.retrain study.name=s data=cifar10 train/optimizer=sgd train/schedule=cosine"
+    )

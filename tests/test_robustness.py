@@ -178,6 +178,8 @@ def test_resuming_with_another_space_is_refused(in_tmp, tiny_space):
                 "latency.budget_ms=100",
             )
         )
+    with pytest.raises(NasError, match=r"optimizer: 'torch.optim.SGD' -> 'torch.optim.AdamW'"):
+        run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s", "train/optimizer=adamw"))
     assert len(_study(in_tmp, "s").trials) == 0  # nothing half-written
     assert run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s")).exit_code == 0
 

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from nas.data import TensorImageDataModule
+from nas.errors import NasError
 from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
@@ -24,7 +25,15 @@ from nas.search.study import make_storage
 from nas.space import arch_from_text
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
-from nas.train.run import check_train_cfg, load_splits, make_datamodule, make_module, make_trainer
+from nas.train.run import (
+    check_train_cfg,
+    load_splits,
+    make_datamodule,
+    make_module,
+    make_trainer,
+    recipe,
+    recipe_overrides,
+)
 
 
 @dataclass
@@ -51,8 +60,23 @@ def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Sele
     storage = make_storage(cfg)
     name = cfg.study.name or latest_study(storage)
     study = optuna.load_study(study_name=name, storage=storage)
+    check_same_setup(study, cfg)
     sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, keys)
     return sel, study.user_attrs.get("identity", {}).get("space")
+
+
+def check_same_setup(study: optuna.Study, cfg: DictConfig) -> None:
+    """Retrain on the study's data set and with its recipe: a trial's sampled learning rate means
+    something only with the optimizer and schedule it was searched with (an AdamW study's winner
+    retrained by SGD at lr 0.003 would quietly underfit), and another data set is another problem."""
+    stored = study.user_attrs.get("identity", {})
+    current = {"data": cfg.data.name, **recipe(cfg)}
+    diffs = [f"{k} {stored[k]} (now {current[k]})" for k in current if k in stored and stored[k] != current[k]]
+    if diffs:
+        fix = " ".join(p for p in (f"data={stored.get('data', cfg.data.name)}", recipe_overrides(stored)) if p)
+        raise NasError(
+            f"study {study.study_name!r} was searched with {', '.join(diffs)}; retrain with the same setup: add {fix}"
+        )
 
 
 def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Preprocess:

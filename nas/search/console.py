@@ -5,9 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import optuna
+from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.search.objective import TrialOutcome
+from nas.search.study import mask_url
+from nas.train.run import recipe, recipe_overrides
+
+DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
+DEFAULT_TRACKING = "sqlite:///outputs/mlflow.db"
+
+
+def retrain_command(cfg: DictConfig, study_name: str) -> str:
+    """The retrain command for this study, with the settings it needs to find the study and train alike."""
+    parts = [f"python -m nas.retrain study.name={study_name}", f"data={cfg.data.name}"]
+    root = cfg.data.get("root")
+    if root not in (None, "data"):
+        parts.append(f"data.root={root}")
+    parts.append(recipe_overrides(recipe(cfg)))
+    if str(cfg.study.storage) != DEFAULT_STORAGE:
+        parts.append(f"study.storage={mask_url(str(cfg.study.storage))}")
+    if str(cfg.mlflow.tracking_uri) != DEFAULT_TRACKING:
+        parts.append(f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}")
+    return " ".join(p for p in parts if p)
 
 
 def feasible_complete(study: optuna.Study) -> list[FrozenTrial]:

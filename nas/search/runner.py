@@ -17,7 +17,7 @@ from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
 from nas.report import publish_plots
 from nas.search import workers
-from nas.search.console import ranked, state_counts, summary_table, trial_line
+from nas.search.console import ranked, retrain_command, state_counts, summary_table, trial_line
 from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed
@@ -136,7 +136,7 @@ def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped
     lines += [
         "",
         f"compare runs:  {ui}   (experiment '{cfg.mlflow.experiment or study.study_name}')",
-        f"retrain best:  python -m nas.retrain study.name={study.study_name}",
+        f"retrain best:  {retrain_command(cfg, study.study_name)}",
     ]
     tracker.close_parent("FAILED" if code else "FINISHED")
     print("\n".join(lines), flush=True)

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.space import Space
+from nas.train.run import recipe
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -134,6 +135,7 @@ def study_identity(cfg: DictConfig, space: Space, latency_key: dict[str, Any]) -
         "latency_device": latency_key.get("device_name"),
         "latency_batch": latency_key.get("batch_size"),
         "data": cfg.data.name,
+        **recipe(cfg),
     }
 
 
@@ -157,7 +159,8 @@ def open_study(
     if stored is None:
         study.set_user_attr("identity", identity)
     else:
-        diffs = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in identity.items() if stored.get(k) != v]
+        # Keys a study was created without (an older version of nas) are not held against it.
+        diffs = [f"{k}: {stored[k]!r} -> {v!r}" for k, v in identity.items() if k in stored and stored[k] != v]
         if diffs:
             raise NasError(
                 f"study {name!r} was created with a different setup ({'; '.join(diffs)}). Resume it with the "

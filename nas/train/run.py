@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
 from nas.errors import NasError
@@ -69,6 +72,28 @@ def check_train_cfg(cfg: DictConfig) -> None:
         raise NasError(f"train.epochs must be positive, got {cfg.train.epochs}")
     resolve_accelerator(cfg.train.accelerator)
     use_cuda_graph(cfg.train)
+
+
+def recipe(cfg: DictConfig) -> dict[str, str | None]:
+    """The kind of training a trial gets (optimizer and schedule classes), kept with its study:
+    accuracies trained with different recipes are not comparable, and a retrain must reuse it."""
+    schedule = cfg.train.get("schedule")
+    return {
+        "optimizer": str(cfg.train.optimizer.get("_target_")),
+        "schedule": str(schedule.get("_target_")) if schedule else None,
+    }
+
+
+def recipe_overrides(stored: dict[str, str | None]) -> str:
+    """Command-line group choices (``train/optimizer=adamw``) that reproduce a stored recipe."""
+    choices = []
+    for group in ("optimizer", "schedule"):
+        folder = Path(CONF_DIR) / "train" / group
+        for path in sorted(folder.glob("*.yaml")):
+            if str(yaml.safe_load(path.read_text()).get("_target_")) == stored.get(group):
+                choices.append(f"train/{group}={path.stem}")
+                break
+    return " ".join(choices)
 
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
