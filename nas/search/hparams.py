@@ -36,7 +36,8 @@ def resolve_hparams(spec: Mapping[str, Any], cfg: DictConfig) -> dict[str, dict[
                         f"search.hparams.{key}: relative: true needs type float, low/high factors and a positive "
                         f"configured value (it is {current!r})"
                     )
-                low, high = low * current, high * current
+                # 12 significant digits: 0.1 x 0.1 is 0.01, not 0.010000000000000002, in the study's records
+                low, high = (float(f"{factor * current:.12g}") for factor in (low, high))
                 dist.update(low=low, high=high)
             if low is None or high is None or not low < high or (dist.get("log") and low <= 0):
                 raise NasError(f"search.hparams.{key}: needs low < high (and low > 0 with log: true)")
