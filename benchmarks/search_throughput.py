@@ -13,9 +13,7 @@ benchmarks/results/search_throughput-<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,8 +23,7 @@ from pathlib import Path
 
 import optuna
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from bench_output import device_name, write_results
 
 
 def run(folder: Path, name: str, trials: int, extra: list[str], overrides: list[str]) -> dict:
@@ -85,7 +82,7 @@ if __name__ == "__main__":
         )
         one = run(folder, "one", args.trials, [], overrides)
         many = run(folder, "many", args.trials, parallel, overrides)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    device = device_name()
     result = {
         "device": device,
         "cpus": os.cpu_count(),
@@ -97,9 +94,6 @@ if __name__ == "__main__":
         f"{k}_workers": many,
         "ratio": many["trials_per_hour"] / one["trials_per_hour"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    slug = device.replace(" ", "_").lower()
-    (RESULTS / f"search_throughput-{slug}.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Search throughput on {device} ({result['cpus']} CPUs)",
         "",
@@ -114,5 +108,4 @@ if __name__ == "__main__":
             f"{r['mean_fixed_cost_s']:.2f} | {r['mean_val_acc']:.4f} |"
         )
     lines += ["", f"ratio: {result['ratio']:.2f}x"]
-    (RESULTS / f"search_throughput-{slug}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("search_throughput", result, "\n".join(lines))

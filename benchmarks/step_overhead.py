@@ -12,12 +12,10 @@ benchmarks/results/step_overhead-<device>.json and .md.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from bench_output import device_name, sync, write_results
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -25,14 +23,8 @@ from nas.cli import CONF_DIR, quiet_libraries
 from nas.train.module import ClassifierModule, param_groups
 from nas.train.run import load_splits, make_datamodule, make_trainer
 
-RESULTS = Path(__file__).parent / "results"
 ARCH = "nas1-r8-w0.25-stem_c8_s2_re-k3_e1_c8_s2_re-head_c16_re-fc_c16"
 EPOCHS = 3
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def pipeline(cfg, dm, cuda_graph: bool) -> float:
@@ -41,10 +33,10 @@ def pipeline(cfg, dm, cuda_graph: bool) -> float:
         ARCH, dm.num_classes, instantiate(t.optimizer), instantiate(t.schedule), cuda_graph=cuda_graph
     )
     trainer = make_trainer(cfg, limit_val_batches=0)
-    _sync()
+    sync()
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    _sync()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -53,7 +45,7 @@ def plain(cfg, dm) -> float:
     opt = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=0.1, momentum=0.9, nesterov=True)
     criterion = torch.nn.CrossEntropyLoss()
     batches = dm.train_dataloader()
-    _sync()
+    sync()
     t0 = time.perf_counter()
     for _ in range(EPOCHS):
         for x, y in batches:
@@ -61,7 +53,7 @@ def plain(cfg, dm) -> float:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    _sync()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -81,11 +73,8 @@ def main() -> None:
         "pipeline, cuda_graph step": min(pipeline(cfg, dm, True) for _ in range(3)),
     }
     per_step = {name: 1e6 * s / steps for name, s in timed.items()}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    device = device_name()
     result = {"device": device, "torch": torch.__version__, "steps": steps, "us_per_step": per_step}
-    RESULTS.mkdir(exist_ok=True)
-    slug = device.replace(" ", "_").lower()
-    (RESULTS / f"step_overhead-{slug}.json").write_text(json.dumps(result, indent=1))
     base = per_step["plain loop"]
     rows = "".join(f"| {name} | {us:.0f} | {us - base:+.0f} |\n" for name, us in per_step.items())
     text = (
@@ -94,8 +83,7 @@ def main() -> None:
         f"torch {torch.__version__}; best of 3 after a warm-up)\n\n"
         f"| loop | us/step | vs plain |\n|---|---|---|\n{rows}"
     )
-    (RESULTS / f"step_overhead-{slug}.md").write_text(text)
-    print(text)
+    write_results("step_overhead", result, text)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ benchmarks/results/train_loop-<device>.json and .md.
 
 from __future__ import annotations
 
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_output import device_name, sync, write_results
 from hydra import compose, initialize_config_dir
 
 from nas.cli import CONF_DIR, quiet_libraries
@@ -27,21 +25,14 @@ from nas.space import arch_from_text
 from nas.train.module import param_groups
 from nas.train.run import load_splits, make_datamodule, make_module, make_trainer, use_channels_last
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def pipeline_epoch(cfg, arch, dm) -> float:
     module = make_module(cfg, arch, dm.num_classes)
     trainer = make_trainer(cfg, max_epochs=1, limit_val_batches=0)
-    _sync()
+    sync()
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    _sync()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -54,7 +45,7 @@ def plain_epoch(cfg, arch, dm) -> float:
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.optimizer.lr, momentum=0.9, nesterov=True
     )
     x_all, y_all, bs = dm.train_split.x, dm.train_split.y, dm.batch_size
-    _sync()
+    sync()
     t0 = time.perf_counter()
     steps = len(dm.train_dataloader())  # the same number of batches as the pipeline (data.repeat included)
     order = torch.cat([torch.randperm(len(y_all), device=device) for _ in range(dm.repeat)])
@@ -67,7 +58,7 @@ def plain_epoch(cfg, arch, dm) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _sync()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -90,7 +81,7 @@ def main(overrides: list[str]) -> None:
     plain_epoch(cfg, arch, dm)
     plain = min(plain_epoch(cfg, arch, dm) for _ in range(2))
     timed = {name: min(pipeline_epoch(variant, arch, dm) for _ in range(2)) for name, variant in pipelines.items()}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    device = device_name()
     result = {
         "device": device,
         "torch": torch.__version__,
@@ -103,9 +94,6 @@ def main(overrides: list[str]) -> None:
             name: {"s": t, "images_per_s": images / t, "ratio_to_plain": t / plain} for name, t in timed.items()
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    slug = device.replace(" ", "_").lower()
-    (RESULTS / f"train_loop-{slug}.json").write_text(json.dumps(result, indent=1))
     rows = "".join(f"| {name} | {t:.2f} | {images / t:.0f} | {t / plain:.3f} |\n" for name, t in timed.items())
     text = (
         f"# One training epoch on {device}: pipeline vs plain PyTorch loop\n\n"
@@ -114,8 +102,7 @@ def main(overrides: list[str]) -> None:
         f"| loop | seconds | images/s | ratio to plain |\n|---|---|---|---|\n"
         f"{rows}| plain PyTorch loop (eager) | {plain:.2f} | {images / plain:.0f} | 1 |\n"
     )
-    (RESULTS / f"train_loop-{slug}.md").write_text(text)
-    print(text)
+    write_results("train_loop", result, text)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -85,6 +86,11 @@ class Objective:
     outcomes: list[TrialOutcome] = field(default_factory=list)
     _datamodules: dict[int, TensorImageDataModule] = field(default_factory=dict)
 
+    @cached_property
+    def hparam_space(self) -> dict[str, dict]:
+        """The searched hyperparameters with relative ranges made absolute, once per process."""
+        return resolve_hparams(self.cfg.search.hparams, self.cfg)
+
     def datamodule(self, cfg: DictConfig, resolution: int) -> TensorImageDataModule:
         """One per resolution, built once: decoding and device transfer are not a per-trial cost."""
         if resolution not in self._datamodules:
@@ -98,7 +104,7 @@ class Objective:
         if reference is not None:  # an enqueued yardstick: its own arch, the default recipe
             return decode(trial.user_attrs["arch"]), self.cfg, reference
         arch = self.space.sample(trial)
-        hparams = sample_hparams(trial, resolve_hparams(self.cfg.search.hparams, self.cfg))
+        hparams = sample_hparams(trial, self.hparam_space)
         return arch, apply_hparams(self.cfg, hparams), None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
