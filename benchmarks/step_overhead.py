@@ -42,7 +42,7 @@ def pipeline(cfg, dm, cuda_graph: bool) -> float:
 
 def plain(cfg, dm) -> float:
     model = ClassifierModule(ARCH, dm.num_classes, instantiate(cfg.train.optimizer)).model.to(dm.device).train()
-    opt = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=0.1, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(param_groups(model, cfg.train.optimizer.weight_decay), lr=0.1, momentum=0.9, nesterov=True)
     criterion = torch.nn.CrossEntropyLoss()
     batches = dm.train_dataloader()
     sync()

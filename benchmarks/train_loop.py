@@ -42,7 +42,7 @@ def plain_epoch(cfg, arch, dm) -> float:
     model, criterion = module.model.train(), torch.nn.CrossEntropyLoss()
     fmt = torch.channels_last if use_channels_last(cfg.train.channels_last, cfg.train.accelerator) else None
     opt = torch.optim.SGD(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.optimizer.lr, momentum=0.9, nesterov=True
+        param_groups(model, cfg.train.optimizer.weight_decay), lr=cfg.train.optimizer.lr, momentum=0.9, nesterov=True
     )
     x_all, y_all, bs = dm.train_split.x, dm.train_split.y, dm.batch_size
     sync()

@@ -47,6 +47,23 @@ def tiny_space(tmp_path: Path) -> Path:
     return path
 
 
+def write_image_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0) -> Path:
+    """A tiny ImageFolder (two classes of random PNGs, train/ and test/), as a user's folder would be."""
+    import torch
+    from torchvision.transforms.functional import to_pil_image
+
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in (("train", per_class), ("test", max(2, per_class // 4))):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                to_pil_image(torch.randint(0, 255, (3, size, size), dtype=torch.uint8, generator=gen)).save(
+                    folder / f"{i}.png"
+                )
+    return root
+
+
 def compose_cfg(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -31,7 +31,7 @@ def _fit(cfg, dm, cuda_graph: bool, callbacks=()) -> tuple[ClassifierModule, pl.
         dm.num_classes,
         optimizer=instantiate(t.optimizer),
         scheduler=instantiate(t.schedule),
-        weight_decay=t.weight_decay,
+        weight_decay=t.optimizer.weight_decay,
         dropout=0.0,
         cuda_graph=cuda_graph,
     )
@@ -46,7 +46,7 @@ def digits():
 
 
 def _recipe(*overrides: str):
-    return compose_cfg("data=digits", "train.epochs=2", "train.weight_decay=0.01", *overrides)
+    return compose_cfg("data=digits", "train.epochs=2", "train.optimizer.weight_decay=0.01", *overrides)
 
 
 # Adam amplifies the last-bit difference of a float32 learning-rate tensor from step to step

@@ -9,7 +9,10 @@ import pytest
 
 from nas.errors import NasError
 from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
-from tests.conftest import compose_cfg
+from nas.space import decode
+from nas.train.module import param_groups
+from nas.train.run import make_module
+from tests.conftest import TINY_ARCH, compose_cfg
 
 
 @pytest.mark.parametrize(("optimizer", "low", "high"), [("sgd", 0.01, 0.4), ("adamw", 0.0003, 0.012)])
@@ -25,8 +28,22 @@ def test_default_learning_rate_range_follows_the_optimizer(optimizer, low, high)
         assert values["train.label_smoothing"] in (0.0, 0.1)
         tuned = apply_hparams(cfg, values)
         assert tuned.train.optimizer.lr == values["train.optimizer.lr"]
-        assert tuned.train.weight_decay == values["train.weight_decay"]
+        assert tuned.train.optimizer.weight_decay == values["train.optimizer.weight_decay"]
     assert cfg.train.optimizer.lr in (0.1, 0.003)  # the original config is left alone
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "default", "low", "high"), [("sgd", 5e-5, 1e-5, 1e-3), ("adamw", 0.05, 0.01, 1.0)]
+)
+def test_weight_decay_default_and_range_follow_the_optimizer(optimizer, default, low, high):
+    """AdamW decays by lr x weight_decay per step: SGD's 5e-5 there would be no decay at all."""
+    cfg = compose_cfg(f"train/optimizer={optimizer}")
+    assert cfg.train.optimizer.weight_decay == default
+    wd = resolve_hparams(cfg.search.hparams, cfg)["train.optimizer.weight_decay"]
+    assert (wd["low"], wd["high"]) == (low, high) and wd["log"] is True
+    module = make_module(cfg, decode(TINY_ARCH), 10)
+    optimizer = module.optimizer_factory(param_groups(module.model, module.weight_decay))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [default, 0.0]
 
 
 @pytest.mark.parametrize(

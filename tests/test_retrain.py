@@ -21,7 +21,6 @@ from nas.retrain.select import from_run, from_study
 from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
-from nas.tracking.plots import study_plots
 from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
@@ -70,24 +69,8 @@ def test_selection_rules():
     assert from_study(multi, "pareto:1", None, keys).arch == decode(A[1])
     with pytest.raises(NasError, match="has 2 points"):
         from_study(multi, "pareto:5", None, keys)
-    with pytest.raises(NasError, match="needs a multi-objective study"):
+    with pytest.raises(NasError, match="needs a Pareto study"):
         from_study(_single(), "pareto:0", None, keys)
-
-
-def test_plots_for_single_and_multi_objective_studies(tmp_path):
-    for study in (_single(), _multi()):
-        files = study_plots(study, tmp_path / study.study_name)
-        names = {f.name for f in files}
-        assert {
-            "pareto_front.html",
-            "pareto_front.png",
-            "optimization_history.html",
-            "optimization_history.png",
-        } <= names
-        assert all(f.stat().st_size > 1000 for f in files)
-        assert "mobilenet_v3_small" in (tmp_path / study.study_name / "pareto_front.html").read_text() or (
-            study.study_name == "multi"
-        )
 
 
 def test_onnx_export_matches_pytorch(tmp_path):

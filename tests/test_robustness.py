@@ -77,7 +77,7 @@ def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig
     assert runs[None].info.status == "KILLED"  # the study's parent run
     first_value = study.trials[0].value
 
-    done = _rerun(tmp_path, tiny_space, "trials=2")
+    done = _rerun(tmp_path, tiny_space, "trials=2", *slow)  # the same recipe: another one would be refused
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -98,7 +98,7 @@ def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
         "RUNNING"
     }
     time.sleep(2.5)  # past the grace period (2 x heartbeat)
-    done = _rerun(tmp_path, tiny_space, "trials=3", "search.heartbeat_s=1")
+    done = _rerun(tmp_path, tiny_space, "trials=3", *slow)
     assert done.returncode == 0, done.stderr
     study = _study(tmp_path)
     assert study.trials[killed.number].state == TrialState.FAIL
@@ -234,7 +234,7 @@ BAD_INPUT = [
     (
         "bad sampler",
         lambda t: ["+space=mbv3", "search.sampler=cmaes"],
-        "search.sampler='cmaes' is not one of tpe, nsga2, random",
+        "search.sampler='cmaes' is not one of gp, nsga2, random, tpe; add a file search/sampler/cmaes.yaml",
     ),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -39,18 +40,24 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
     assert len(parents) == 1 and len(trials) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["search.sampler"] == "tpe" and "latency.budget_ms" in parent.data.params
+    assert parent.data.params["search.sampler._target_"] == "optuna.samplers.TPESampler"
+    assert parent.data.params["search.pruner._target_"] == "optuna.pruners.MedianPruner"
+    assert "latency.budget_ms" in parent.data.params
     c = client()
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "best")}
     assert {"best/best_trials.json", "best/best_trials.yaml", "best/best_arch.txt"} <= artifacts
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "space")] == ["space/tiny.yaml"]
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/pareto_front.png", "plots/pareto_front.html", "plots/optimization_history.png"} <= plots
+    assert {
+        "plots/accuracy_vs_latency.png",
+        "plots/accuracy_vs_latency.html",
+        "plots/optimization_history.png",
+    } <= plots
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["nas.state"] == "complete" and run.info.status == "FINISHED"
         assert run.data.params["arch"].startswith("nas1-r16-")
-        assert {"width", "train.optimizer.lr", "train.weight_decay", "s0.depth"} <= set(run.data.params)
+        assert {"width", "train.optimizer.lr", "train.optimizer.weight_decay", "s0.depth"} <= set(run.data.params)
         assert {"val_acc", "latency_ms", "params", "flops", "train_loss", "val_loss"} <= set(run.data.metrics)
         history = c.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history].count(0) >= 1  # per-epoch metric, step = epoch
@@ -84,21 +91,34 @@ def test_seeded_studies_sample_the_same_architectures(in_tmp, tiny_space):
     assert [other.sample(optuna.trial.FixedTrial(t.params)).encode() for t in a.study.trials] == arch(a)
 
 
-def test_infeasible_budget_records_without_training(in_tmp, tiny_space, capsys):
-    result = run_search(cfg_for(tiny_space, "trials=3", "latency.budget_ms=0.0001", "search.precheck_budget=false"))
+def test_draws_over_an_impossible_budget_stop_the_search_naming_the_fastest(in_tmp, tiny_space, capsys):
+    cfg = cfg_for(
+        tiny_space, "trials=3", "latency.budget_ms=0.0001", "search.precheck_budget=false",
+        "search.max_draws_over_budget=4",
+    )  # fmt: skip
+    result = run_search(cfg)
     assert result.exit_code == EXIT_NO_FEASIBLE
-    assert "no architecture met the latency budget of 0.0001 ms: 3 trials were over it" in result.message
+    fastest = min(t.user_attrs["latency_ms"] for t in result.study.trials)
+    assert (
+        f"no architecture met the latency budget of 0.0001 ms in the last 4 draws (search.max_draws_over_budget=4, "
+        f"the fastest {fastest:.4f} ms; 0/3 networks trained)" in result.message
+    )
+    assert len(result.study.trials) == 4
     for t in result.study.trials:
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert t.user_attrs["state"] == "infeasible" and t.constraints["latency_ms_over_budget"] > 0
         assert "val_acc" not in t.user_attrs
-    trials = [r for r in runs_of("tiny-digits") if r.data.tags.get("nas.kind") == "trial"]
-    assert len(trials) == 3
-    for run in trials:
-        assert run.data.tags["nas.state"] == "infeasible"
-        assert "latency_ms" in run.data.metrics and "val_acc" not in run.data.metrics
-        assert "train_loss" not in run.data.metrics  # never trained
-    assert "error: no architecture met the latency budget" in capsys.readouterr().err
+    runs = runs_of("tiny-digits")
+    assert [r.data.tags.get("nas.kind") for r in runs] == ["study"]  # no run per untrained draw
+    parent = runs[0]
+    assert parent.data.metrics["n_over_budget"] == 4 and parent.data.metrics["n_trained"] == 0
+    assert parent.data.metrics["fastest_over_budget_ms"] == pytest.approx(fastest)
+    path = client().download_artifacts(parent.info.run_id, "over_budget.json", str(in_tmp))
+    table = json.loads(Path(path).read_text())
+    assert sorted(row[table["columns"].index("trial")] for row in table["data"]) == [0, 1, 2, 3]
+    captured = capsys.readouterr()
+    assert "error: no architecture met the latency budget" in captured.err
+    assert "0 trained (0 complete, 0 pruned), 4 over budget (not trained)" in captured.out
 
 
 def test_unreachable_budget_is_refused_up_front(in_tmp, tiny_space):
@@ -106,17 +126,46 @@ def test_unreachable_budget_is_refused_up_front(in_tmp, tiny_space):
         run_search(cfg_for(tiny_space, "trials=3", "latency.budget_ms=0.0001"))
 
 
-def test_constraint_splits_feasible_and_infeasible(in_tmp, tiny_space):
-    budget = 0.9  # between the tiny space's cheapest (~0.5 ms) and dearest (~1.5 ms) networks on this CPU
-    result = run_search(cfg_for(tiny_space, "trials=6", f"latency.budget_ms={budget}", "search.sampler=random"))
-    for t in result.study.trials:
-        over = t.user_attrs["latency_ms"] > budget
-        assert (t.user_attrs["state"] == "infeasible") == over
+def _budget_at_percentile(space_file: Path, cfg, q: float) -> float:
+    """A budget between the space's own fast and slow networks, from the latency table the search uses."""
+    from nas.latency.estimator import make_estimator
+    from nas.latency.fidelity import build_table
+
+    space = load_space(space_file)
+    estimator = make_estimator(cfg.latency, 10)
+    build_table(space, estimator.table, 10, int(cfg.latency.calibrate), int(cfg.seed))
+    latencies = [estimator.latency_ms(space.sample(seed)) for seed in range(200)]
+    return float(np.quantile(latencies, q))
+
+
+def test_trials_counts_trained_networks_and_draws_over_budget_are_told_to_the_sampler(in_tmp, tiny_space, capsys):
+    table = ("latency.estimator=table", "latency.calibrate=2", "search/sampler=random")
+    budget = _budget_at_percentile(tiny_space, cfg_for(tiny_space, *table), 0.3)  # about 70% of draws are over it
+    result = run_search(cfg_for(tiny_space, "trials=4", f"latency.budget_ms={budget}", *table))
+    assert result.exit_code == 0
+    trials = result.study.trials
+    trained = [t for t in trials if t.user_attrs["state"] == "complete"]
+    over = [t for t in trials if t.user_attrs["state"] == "infeasible"]
+    assert len(trained) == 4 and over and len(trained) + len(over) == len(trials)
+    for t in trials:  # every draw records its latency and the constraint; only those within the budget trained
         assert t.constraints["latency_ms_over_budget"] == pytest.approx(t.user_attrs["latency_ms"] - budget)
+        assert (t in over) == (t.user_attrs["latency_ms"] > budget)
+        assert ("val_acc" in t.user_attrs) == (t in trained)
+    runs = [r for r in runs_of("tiny-digits") if r.data.tags.get("nas.kind") == "trial"]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [t.number for t in trained]
+    out = capsys.readouterr().out
+    assert out.count("] trial ") == 4 and "[4/4]" in out
+    assert f"4 trained (4 complete, 0 pruned), {len(over)} over budget (not trained)" in out
+    assert f"draw(s) over the {budget} ms budget, not trained" in out
+    # Resuming for more trains exactly that many more networks.
+    more = run_search(cfg_for(tiny_space, "trials=5", f"latency.budget_ms={budget}", *table))
+    assert sum(t.user_attrs["state"] == "complete" for t in more.study.trials) == 5
 
 
-def test_nsga2_produces_a_pareto_front(in_tmp, tiny_space, capsys):
-    result = run_search(cfg_for(tiny_space, "trials=4", "search.sampler=nsga2", "study.name=moo"))
+def test_pareto_objective_produces_a_front(in_tmp, tiny_space, capsys):
+    result = run_search(
+        cfg_for(tiny_space, "trials=4", "search.objective=pareto", "search/sampler=nsga2", "study.name=moo")
+    )
     assert result.exit_code == 0
     assert result.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     front = result.study.best_trials
@@ -133,25 +182,54 @@ def test_nsga2_produces_a_pareto_front(in_tmp, tiny_space, capsys):
     assert "Pareto front" in capsys.readouterr().out
 
 
-def test_median_pruner_prunes_a_trial_worse_than_the_rest(in_tmp, tiny_space):
-    base = cfg_for(tiny_space, "trials=0", "train.epochs=2", "search.pruner=median", "search.startup_trials=1")
-    study = run_search(base).study
-    strong = optuna.trial.create_trial(
-        value=0.99,
-        intermediate_values={0: 0.99, 1: 0.99},
-        params={},
-        distributions={},
-        user_attrs={"state": "complete", "val_acc": 0.99, "latency_ms": 1.0, "params": 1, "flops": 1, "arch": "x"},
-    )
-    study.add_trial(strong)
-    result = run_search(
-        cfg_for(tiny_space, "trials=2", "train.epochs=2", "search.pruner=median", "search.startup_trials=1")
-    )
+def _strong_trials(study: optuna.Study, n: int, epochs: int) -> None:
+    """Finished trials that reported 0.99 at every epoch: any real tiny network is worse than them."""
+    for _ in range(n):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.99,
+                intermediate_values=dict.fromkeys(range(epochs), 0.99),
+                params={},
+                distributions={},
+                user_attrs={
+                    "state": "complete",
+                    "val_acc": 0.99,
+                    "latency_ms": 1.0,
+                    "params": 1,
+                    "flops": 1,
+                    "arch": "x",
+                },
+            )
+        )
+
+
+def test_default_pruner_stops_a_worse_trial_after_the_warmup_epoch(in_tmp, tiny_space):
+    base = ("train.epochs=3", "search.startup_trials=2")
+    study = run_search(cfg_for(tiny_space, "trials=0", *base)).study
+    _strong_trials(study, 2, epochs=3)
+    result = run_search(cfg_for(tiny_space, "trials=3", *base))
     last = result.study.trials[-1]
     assert last.state == optuna.trial.TrialState.PRUNED
-    assert list(last.intermediate_values) == [0]  # stopped after the first epoch
+    assert list(last.intermediate_values) == [0, 1]  # warm-up epoch 0 never prunes; stopped after epoch 1
+    assert last.user_attrs["val_acc"] == pytest.approx(last.intermediate_values[1])  # its last accuracy, kept
     run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == str(last.number))
     assert run.data.tags["nas.state"] == "pruned"
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "val_acc")] == [0, 1]
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "train_loss")] == [0]  # epoch 1 unfinished
+
+
+def test_no_pruning_without_enough_trials_reported_at_that_epoch(in_tmp, tiny_space):
+    base = ("train.epochs=3", "search.startup_trials=3")
+    study = run_search(cfg_for(tiny_space, "trials=0", *base)).study
+    _strong_trials(study, 2, epochs=3)  # one short of search.startup_trials
+    result = run_search(cfg_for(tiny_space, "trials=3", *base))
+    last = result.study.trials[-1]
+    assert last.state == optuna.trial.TrialState.COMPLETE and list(last.intermediate_values) == [0, 1, 2]
+    # Its MLflow run holds every epoch, at step = epoch, the same accuracies the pruner was told.
+    run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == str(last.number))
+    history = {m.step: m.value for m in client().get_metric_history(run.info.run_id, "val_acc")}
+    assert history == pytest.approx(last.intermediate_values)
+    assert [m.step for m in client().get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 
 def test_references_run_first_as_yardsticks(in_tmp, tmp_path, tiny_space):

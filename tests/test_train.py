@@ -25,20 +25,21 @@ def test_config_groups_compose_and_override():
         "+space=mbv3",
         "trials=7",
         "latency.budget_ms=1.5",
-        "search.sampler=nsga2",
+        "search.objective=pareto",
+        "search/sampler=nsga2",
     )
     assert cfg.data.name == "fashion_mnist" and cfg.data.hflip is True and cfg.data.mean == [0.2860]
     assert cfg.data.loader._target_ == "nas.data.sources.fashion_mnist"
     assert cfg.train.epochs == 3 and cfg.train.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.train.schedule._target_ == "nas.train.schedules.one_cycle"
     assert cfg.space == "mbv3" and cfg.trials == 7 and cfg.latency.budget_ms == 1.5
-    assert cfg.search.sampler == "nsga2"
+    assert cfg.search.objective == "pareto" and cfg.search.sampler._target_ == "optuna.samplers.NSGAIISampler"
     assert compose_cfg("data=cifar100").data.loader.root == "data"
     assert compose_cfg("data=imagefolder", "data.root=/x").data.loader.root == "/x"
 
 
 def _module(**kw):
-    cfg = compose_cfg("train.weight_decay=0.01")
+    cfg = compose_cfg("train.optimizer.weight_decay=0.01")
     return make_module(cfg, decode(TINY_ARCH), 10) if not kw else ClassifierModule(TINY_ARCH, 10, **kw)
 
 

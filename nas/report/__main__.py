@@ -15,6 +15,7 @@ from nas.errors import NasError
 @user_errors
 def main(cfg: DictConfig) -> None:
     quiet_libraries()
+    from nas.objectives import objective_of
     from nas.report import publish_plots
     from nas.retrain.select import latest_study
     from nas.search.study import make_storage
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     study = optuna.load_study(study_name=name, storage=storage)
     tracker = StudyTracker(connect(cfg.mlflow), cfg, name)
     tracker.join_parent(study)
-    files = publish_plots(study, tracker, keep_in=Path("outputs") / "reports" / name)
+    files = publish_plots(study, tracker, objective_of(study), keep_in=Path("outputs") / "reports" / name)
     print(
         f"{len(files)} files in outputs/reports/{name}/"
         + (" and the study's MLflow run" if tracker.parent_run_id else "")

@@ -7,9 +7,10 @@ from typing import Any
 
 import optuna
 from mlflow.tracking import MlflowClient
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from nas.errors import NasError
+from nas.objectives import ParetoObjective, objective_of
 from nas.space import Arch, decode
 
 
@@ -21,10 +22,6 @@ class Selection:
     trial: int | None = None
     run_id: str | None = None
     how: str = "arch"
-
-
-def _feasible(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("state") == "complete"]
 
 
 def latest_study(storage: Any) -> str:
@@ -40,25 +37,25 @@ def _hparams(trial: FrozenTrial, keys: list[str]) -> dict[str, Any]:
 
 
 def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam_keys: list[str]) -> Selection:
-    """``best``: most accurate feasible trial (multi-objective: most accurate Pareto point within budget);
-    ``pareto:N``: the N-th Pareto point by increasing latency (0 = fastest)."""
-    trials = _feasible(study.get_trials(deepcopy=False))
-    if not trials:
+    """``best``: the best trial by the study's own objective (for a Pareto study the most accurate feasible
+    point, within ``budget_ms`` when given); ``pareto:N``: the N-th Pareto point by latency (0 = fastest)."""
+    goal = objective_of(study)
+    ranked = goal.ranked(study)
+    if not ranked:
         raise NasError(f"study {study.study_name!r} has no finished feasible trial to retrain")
-    multi = len(study.directions) > 1
     if select.startswith("pareto:"):
-        if not multi:
-            raise NasError("select=pareto:N needs a multi-objective study (search.sampler=nsga2); use select=best")
-        front = sorted(_feasible(study.best_trials), key=lambda t: t.values[1])
+        if not isinstance(goal, ParetoObjective):
+            raise NasError("select=pareto:N needs a Pareto study (search.objective=pareto); use select=best")
+        front = goal.front(study)
         index = int(select.split(":", 1)[1])
         if not 0 <= index < len(front):
             raise NasError(f"select={select}: the Pareto front of {study.study_name!r} has {len(front)} points (0..)")
         chosen, how = front[index], select
     elif select == "best":
-        pool = _feasible(study.best_trials) if multi else trials
-        if multi and budget_ms is not None:
-            pool = [t for t in pool if t.user_attrs["latency_ms"] <= budget_ms] or pool
-        chosen, how = max(pool, key=lambda t: t.user_attrs["val_acc"]), "best"
+        pool = ranked
+        if isinstance(goal, ParetoObjective) and budget_ms is not None:
+            pool = [t for t in ranked if t.user_attrs["latency_ms"] <= budget_ms] or ranked
+        chosen, how = pool[0], "best"
     else:
         raise NasError(f"select={select!r} is not 'best' or 'pareto:N'")
     return Selection(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-import optuna
 from omegaconf import DictConfig
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
+from nas import trial_states
+from nas.objectives import StudyObjective
 from nas.search.objective import TrialOutcome
 from nas.search.study import mask_url
 from nas.train.run import recipe, recipe_overrides
@@ -30,19 +32,6 @@ def retrain_command(cfg: DictConfig, study_name: str) -> str:
     return " ".join(p for p in parts if p)
 
 
-def feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("state") == "complete"
-    ]
-
-
-def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible, trained trials, most accurate first."""
-    return sorted(feasible_complete(study), key=lambda t: -t.user_attrs["val_acc"])
-
-
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -53,38 +42,93 @@ def human_count(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
-def trial_line(outcome: TrialOutcome, done: int, total: int, best: FrozenTrial | None) -> str:
+def trial_line(
+    outcome: TrialOutcome, done: int, total: int, best: FrozenTrial | None, goal: StudyObjective, over_budget: int = 0
+) -> str:
+    """``[done/total]`` counts trained networks; draws over the budget are counted at the end of the line."""
     tag = f" [{outcome.reference}]" if outcome.reference else ""
-    best_txt = f"best {best.user_attrs['val_acc']:.4f} (#{best.number})" if best else "best -"
+    best_txt = f"best {goal.trial_score(best):.4f} (#{best.number})" if best else "best -"
+    acc = _fmt(outcome.val_acc, ".4f")
+    if outcome.state == trial_states.PRUNED and outcome.epochs:
+        acc += f"@{outcome.epochs}"  # the accuracy at the epoch it was stopped
     line = (
-        f"[{done:>{len(str(total))}}/{total}] trial {outcome.number:>3} {outcome.state:<10} "
-        f"val_acc {_fmt(outcome.val_acc, '.4f'):>6}  latency {_fmt(outcome.latency_ms, '.3f'):>7} ms  "
+        f"[{done:>{len(str(total))}}/{total}] trial {outcome.number:>3} {outcome.state:<9} "
+        f"val_acc {acc:>8}  latency {_fmt(outcome.latency_ms, '.3f'):>7} ms  "
         f"{human_count(outcome.params):>6} params  {outcome.seconds:6.1f}s  {best_txt}{tag}"
     )
+    if over_budget:
+        line += f"  ({over_budget} over budget)"
     if outcome.reason:
         line += f"\n      reason: {outcome.reason}"
     return line
 
 
-def summary_table(trials: Sequence[FrozenTrial], limit: int = 5) -> str:
-    rows = [f"{'trial':>5}  {'val_acc':>7}  {'latency_ms':>10}  {'params':>7}  {'MFLOPs':>7}  arch"]
+class DrawReporter:
+    """Draws over the budget take a fraction of a second each and may outnumber the trained networks:
+    they are not printed one by one but summarised, at most every ``every_s`` seconds and before the
+    next trained network's line."""
+
+    def __init__(self, budget_ms: float | None, every_s: float = 15.0) -> None:
+        self.budget_ms = budget_ms
+        self.every_s = every_s
+        self.streak = 0  # consecutive draws over the budget
+        self.fastest: float | None = None  # the fastest draw of the streak
+        self.pending: list[TrialOutcome] = []
+        self.last_print = time.monotonic()
+
+    def reset(self) -> None:
+        self.streak, self.fastest = 0, None
+
+    def add(self, outcome: TrialOutcome) -> None:
+        self.streak += 1
+        if outcome.latency_ms is not None:
+            self.fastest = min(outcome.latency_ms, self.fastest or outcome.latency_ms)
+        self.pending.append(outcome)
+        if time.monotonic() - self.last_print >= self.every_s:
+            print(self.flush().rstrip("\n"), flush=True)
+
+    def flush(self) -> str:
+        """The summary line of the draws since the last one (with its newline), or ''."""
+        self.last_print = time.monotonic()
+        if not self.pending:
+            return ""
+        fastest = min(o.latency_ms for o in self.pending if o.latency_ms is not None)
+        refs = [o.reference for o in self.pending if o.reference]
+        text = (
+            f"      {len(self.pending)} draw(s) over the {self.budget_ms} ms budget, not trained "
+            f"(fastest {fastest:.3f} ms{'; ' + ', '.join(refs) if refs else ''})\n"
+        )
+        self.pending = []
+        return text
+
+    def give_up_message(self, trained: int, target: int, limit: int) -> str:
+        self.flush()
+        fastest = "" if self.fastest is None else f", the fastest {self.fastest:.4f} ms"
+        return (
+            f"no architecture met the latency budget of {self.budget_ms} ms in the last {self.streak} draws "
+            f"(search.max_draws_over_budget={limit}{fastest}; {trained}/{target} networks trained). Raise "
+            f"latency.budget_ms, use a smaller space, or raise search.max_draws_over_budget"
+        )
+
+
+def summary_line(name: str, counts: dict[str, int]) -> str:
+    trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
+    return (
+        f"study {name}: {trained} trained ({counts[trial_states.COMPLETE]} complete, {counts[trial_states.PRUNED]} "
+        f"pruned), {counts[trial_states.OVER_BUDGET]} over budget (not trained), {counts[trial_states.FAILED]} failed"
+    )
+
+
+def summary_table(trials: Sequence[FrozenTrial], goal: StudyObjective, limit: int = 5) -> str:
+    score = not goal.score_is_accuracy  # the ranking value differs from val_acc: show it
+    head = f"{'trial':>5}  {'objective':>9}  " if score else f"{'trial':>5}  "
+    rows = [head + f"{'val_acc':>7}  {'latency_ms':>10}  {'params':>7}  {'MFLOPs':>7}  arch"]
     for t in trials[:limit]:
         ua = t.user_attrs
         name = f" ({ua['reference']})" if ua.get("reference") else ""
+        lead = f"{t.number:>5}  {goal.trial_score(t):>9.4f}  " if score else f"{t.number:>5}  "
         rows.append(
-            f"{t.number:>5}  {ua['val_acc']:>7.4f}  {ua['latency_ms']:>10.3f}  {human_count(ua['params']):>7}  "
+            lead + f"{ua['val_acc']:>7.4f}  {ua['latency_ms']:>10.3f}  {human_count(ua['params']):>7}  "
             f"{ua['flops'] / 1e6:>7.1f}  {ua['arch']}{name}"
         )
     return "\n".join(rows)
-
-
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    counts = {"complete": 0, "infeasible": 0, "pruned": 0, "failed": 0}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.PRUNED:
-            counts["pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            counts["failed"] += 1
-        elif t.state == TrialState.COMPLETE:
-            counts["infeasible" if t.user_attrs.get("state") == "infeasible" else "complete"] += 1
-    return counts

@@ -1,4 +1,8 @@
-"""One trial: sample, check the latency constraint, train, report; every outcome recorded with its reason."""
+"""One trial: sample, check the latency budget, train, report; every outcome recorded with its reason.
+
+A draw over a hard latency budget is not trained and gets no MLflow run (the study's run
+summarises such draws); the sampler still learns from it through the recorded constraint.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,22 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import lightning.pytorch as pl
 import optuna
 import torch
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
-from optuna_integration import PyTorchLightningPruningCallback
 
+from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
 from nas.latency.estimator import LatencyEstimator
 from nas.models import cost
+from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
 from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
 from nas.search.interrupts import SearchInterrupted
-from nas.search.study import is_multi_objective, is_surplus
+from nas.search.pruning import ReportToPruner
+from nas.search.study import is_surplus
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker
 from nas.train.module import NonFiniteLossError
@@ -38,23 +44,10 @@ class SurplusTrial(TrialFailed):
     """Another worker already started the last trial the study needs; this one stops before any work."""
 
 
-class FitClock(pl.Callback):
-    """Wall time of the epochs themselves, so the per-trial fixed cost can be told apart."""
-
-    def __init__(self) -> None:
-        self.started = self.seconds = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds = time.perf_counter() - self.started
-
-
 @dataclass
 class TrialOutcome:
     number: int
-    state: str  # complete | pruned | infeasible | failed | surplus
+    state: str  # complete | pruned | infeasible (over budget) | failed | surplus
     val_acc: float | None
     latency_ms: float | None
     params: int | None
@@ -63,6 +56,7 @@ class TrialOutcome:
     reason: str | None = None
     reference: str | None = None
     run_id: str | None = None
+    epochs: int | None = None  # epochs trained (fewer than train.epochs when pruned)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -71,6 +65,12 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, NonFiniteLossError):
         return f"non-finite loss: {exc}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def from_queue(trial: optuna.Trial) -> bool:
+    """Enqueued (a yardstick) or a heartbeat retry: work that must not be lost if this run of it is surplus."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return "fixed_params" in frozen.system_attrs or "failed_trial" in frozen.system_attrs
 
 
 @dataclass
@@ -83,6 +83,7 @@ class Objective:
     estimator: LatencyEstimator
     tracker: StudyTracker
     num_classes: int
+    goal: StudyObjective
     outcomes: list[TrialOutcome] = field(default_factory=list)
     _datamodules: dict[int, TensorImageDataModule] = field(default_factory=dict)
 
@@ -109,19 +110,18 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t0 = time.perf_counter()
-        outcome = TrialOutcome(trial.number, "complete", None, None, None, None, 0.0)
+        outcome = TrialOutcome(trial.number, trial_states.COMPLETE, None, None, None, None, 0.0)
         try:  # everything after ask(): whatever happens, the trial and its run end in a recorded state
-            if is_surplus(trial.study, trial.number, int(self.cfg.trials)):
-                outcome.state = "surplus"
-                trial.set_user_attr("state", "surplus")
-                raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials already started")
             return self._run(trial, outcome, t0)
         except SurplusTrial:
             raise
         except optuna.TrialPruned:
-            outcome.state = "pruned"
-            trial.set_user_attr("state", "pruned")
-            self._end(outcome.run_id, "pruned", "FINISHED")
+            outcome.state = trial_states.PRUNED
+            trial.set_user_attr("state", trial_states.PRUNED)
+            if outcome.val_acc is not None:  # the last epoch's accuracy, for charts (never ranked)
+                trial.set_user_attr("val_acc", outcome.val_acc)
+            trial.set_user_attr("epochs", outcome.epochs)
+            self._end(outcome.run_id, trial_states.PRUNED, "FINISHED")
             raise
         except (SearchInterrupted, KeyboardInterrupt, SystemExit) as exc:
             reason = str(exc) if isinstance(exc, SearchInterrupted) else "interrupted"
@@ -144,66 +144,85 @@ class Objective:
             self.tracker.end_trial(run_id, state, status, reason)
 
     def _failed(self, trial: optuna.Trial, outcome: TrialOutcome, reason: str, status: str) -> None:
-        outcome.state, outcome.reason = "failed", reason
-        trial.set_user_attr("state", "failed")
+        outcome.state, outcome.reason = trial_states.FAILED, reason
+        trial.set_user_attr("state", trial_states.FAILED)
         trial.set_user_attr("fail_reason", reason)
-        self._end(outcome.run_id, "failed", status, reason)
+        if outcome.run_id is None:  # failed before training (e.g. unbuildable): a run still records why
+            outcome.run_id = self._start_run(trial, outcome)
+        self._end(outcome.run_id, trial_states.FAILED, status, reason)
 
-    def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
-        multi = is_multi_objective(self.cfg)
-        budget = self.cfg.latency.budget_ms
-        hard = budget is not None and self.cfg.search.objective == "accuracy"
-        arch, cfg, reference = self._arch_and_cfg(trial)
-        text = arch.encode()
-        outcome.arch, outcome.reference = text, reference
-        trial.set_user_attr("arch", text)
-        run_id = self.tracker.start_trial(
-            trial.number,
-            {"arch": text, **trial.params, **({"reference": reference} if reference else {})},
-            {"nas.reference": reference} if reference else {},
-        )
-        outcome.run_id = run_id
+    def _start_run(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
+        reference = outcome.reference
+        params = {**({"arch": outcome.arch} if outcome.arch else {}), **trial.params}
+        if reference:
+            params["reference"] = reference
+        return self.tracker.start_trial(trial.number, params, {"nas.reference": reference} if reference else {})
+
+    def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch) -> dict[str, float]:
+        """Params, FLOPs and latency, known before any training; the constraint goes to the sampler."""
         c = cost(arch, self.num_classes)  # builds the network: an unbuildable one fails here, recorded
         latency = self.estimator.latency_ms(arch)
         outcome.latency_ms, outcome.params = latency, c.params
         trial.set_user_attr("latency_ms", latency)
         trial.set_user_attr("params", c.params)
         trial.set_user_attr("flops", c.flops)
-        if budget is not None:
-            trial.set_constraint(CONSTRAINT_KEY, latency - float(budget))
-        self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": c.params, "flops": c.flops})
-        if hard and latency > budget:
-            outcome.state = "infeasible"
-            trial.set_user_attr("state", "infeasible")
-            self.tracker.end_trial(run_id, "infeasible", "FINISHED", f"latency {latency:.4f} ms > {budget} ms")
-            return (0.0, latency) if multi else 0.0
-        clock = FitClock()
-        callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), clock]
+        if self.goal.hard_budget:
+            trial.set_constraint(CONSTRAINT_KEY, latency - float(self.goal.budget_ms))  # type: ignore[arg-type]
+        return {"latency_ms": latency, "params": c.params, "flops": c.flops}
+
+    def _claim(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        """Stop before training when the study already has (or is training) all the networks it needs."""
+        if not is_surplus(trial.study, trial.number, int(self.cfg.trials)):
+            return
+        outcome.state = trial_states.SURPLUS
+        trial.set_user_attr("state", trial_states.SURPLUS)
+        if from_queue(trial):  # give the queued work back, so a later run trains it
+            kept = {k: v for k, v in trial.user_attrs.items() if k in ("reference", "arch")}
+            trial.study.enqueue_trial(trial.params, user_attrs=kept, skip_if_exists=False)
+        raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials trained or training")
+
+    def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
+        arch, cfg, reference = self._arch_and_cfg(trial)
+        outcome.arch, outcome.reference = arch.encode(), reference
+        trial.set_user_attr("arch", outcome.arch)
+        measured = self._measure(trial, outcome, arch)
+        latency = measured["latency_ms"]
+        if self.goal.is_over_budget(latency):
+            outcome.state = trial_states.OVER_BUDGET
+            trial.set_user_attr("state", trial_states.OVER_BUDGET)
+            return self.goal.over_budget_value(latency)
+        self._claim(trial, outcome)
+        outcome.run_id = run_id = self._start_run(trial, outcome)
+        self.tracker.log_metrics(run_id, measured)
+        timer = Timer()
+        reporter = ReportToPruner(trial, lambda acc: self.goal.score(acc, latency))
+        callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), timer]
+        if self.goal.can_prune:  # Optuna takes no intermediate values from multi-objective trials
+            callbacks.append(reporter)
         fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
         if fault:
             callbacks.append(FaultInjection(fault))
-        if not multi and self.cfg.search.pruner != "none":
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor="val_acc"))
-        dm = self.datamodule(cfg, arch.resolution)
-        result = train_arch(cfg, arch, dm, callbacks=callbacks)
-        outcome.val_acc = result.val_acc
-        trial.set_user_attr("state", "complete")
+        try:
+            result = train_arch(cfg, arch, self.datamodule(cfg, arch.resolution), callbacks=callbacks)
+        except optuna.TrialPruned:
+            outcome.val_acc, outcome.epochs = reporter.last_val_acc, reporter.epochs
+            raise
+        outcome.val_acc, outcome.epochs = result.val_acc, int(cfg.train.epochs)
+        trial.set_user_attr("state", trial_states.COMPLETE)
         trial.set_user_attr("val_acc", result.val_acc)
-        total = time.perf_counter() - t0
-        trial.set_user_attr("time_s", {"total": total, "epochs": clock.seconds})
+        trial.set_user_attr("epochs", outcome.epochs)
+        total, epochs_s = time.perf_counter() - t0, timer.time_elapsed("train")
+        trial.set_user_attr("time_s", {"total": total, "epochs": epochs_s})
         self.tracker.log_metrics(
             run_id,
             {
                 "val_acc": result.val_acc,
                 "val_loss": result.val_loss,
+                "objective": self.goal.score(result.val_acc, latency),
                 "time_total_s": total,
-                "time_epochs_s": clock.seconds,
-                "time_fixed_s": total - clock.seconds,
+                "time_epochs_s": epochs_s,
+                "time_fixed_s": total - epochs_s,
             },
         )
-        self.tracker.end_trial(run_id, "complete", "FINISHED")
-        if multi:
-            return result.val_acc, latency
-        if self.cfg.search.objective == "mnas":
-            return result.val_acc * (latency / float(budget)) ** float(self.cfg.search.mnas_exponent)
-        return result.val_acc
+        self.tracker.end_trial(run_id, trial_states.COMPLETE, "FINISHED")
+        return self.goal.value(result.val_acc, latency)

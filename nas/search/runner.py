@@ -12,24 +12,26 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from nas import trial_states
 from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
+from nas.objectives import ParetoObjective, StudyObjective, objective_from_cfg
 from nas.report import publish_plots
 from nas.search import workers
-from nas.search.console import ranked, retrain_command, state_counts, summary_table, trial_line
+from nas.search.console import DrawReporter, retrain_command, summary_line, summary_table, trial_line
 from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed
 from nas.search.study import (
     check_search_cfg,
-    count_finished,
     enqueue_references,
-    is_multi_objective,
     make_storage,
     mask_url,
     open_study,
     study_identity,
+    study_name,
+    with_group_files,
 )
 from nas.space import Space, require_space
 from nas.tracking.runs import connect
@@ -50,15 +52,15 @@ class SearchResult:
 
 def parse_trials(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise NasError(f"trials={value!r} must be a whole number >= 0 (trials finished in the study, e.g. trials=200)")
+        raise NasError(f"trials={value!r} must be a whole number >= 0 (networks trained in the study, e.g. trials=200)")
     return value
 
 
-def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any) -> None:
+def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any, goal: StudyObjective) -> None:
     """Refuse a budget that not even the space's cheapest network meets, before any trial runs."""
-    budget = cfg.latency.budget_ms
-    if budget is None or cfg.search.objective != "accuracy" or not cfg.search.precheck_budget:
+    if not goal.hard_budget or not cfg.search.precheck_budget:
         return
+    budget = goal.budget_ms
     cheapest = space.extreme("min")
     latency = estimator.latency_ms(cheapest)
     if latency > budget:
@@ -76,61 +78,109 @@ def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
     return params
 
 
-def _finish(study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, stopped: str | None) -> SearchResult:
-    counts = state_counts(study)
-    best = ranked(study)
-    lines = [
-        "",
-        f"study {study.study_name}: {counts['complete']} complete, {counts['infeasible']} infeasible, "
-        f"{counts['pruned']} pruned, {counts['failed']} failed",
-    ]
-    if tracker.parent_run_id:
-        tracker.log_metrics(tracker.parent_run_id, {f"n_{k}": v for k, v in counts.items()})
-    if best:
-        lines += ["best trials (feasible, by validation accuracy):", summary_table(best)]
-        top = [
-            {
-                "trial": t.number,
-                **{k: t.user_attrs.get(k) for k in ("arch", "val_acc", "latency_ms", "params", "flops", "reference")},
-                "params_sampled": t.params,
-            }
-            for t in best[:5]
-        ]
-        tracker.log_parent_dict({"study": study.study_name, "best": top}, "best/best_trials.json")
-        tracker.log_parent_dict({"study": study.study_name, "best": top}, "best/best_trials.yaml")
-        tracker.log_parent_text(best[0].user_attrs["arch"], "best/best_arch.txt")
-        if tracker.parent_run_id:
-            tracker.log_metrics(
-                tracker.parent_run_id,
-                {"best_val_acc": best[0].user_attrs["val_acc"], "best_latency_ms": best[0].user_attrs["latency_ms"]},
-            )
-    if is_multi_objective(cfg):
-        front = [t for t in study.best_trials if t.user_attrs.get("state") == "complete"]
-        front.sort(key=lambda t: t.values[1])
-        table = {
-            "trial": [t.number for t in front],
-            "val_acc": [t.values[0] for t in front],
-            "latency_ms": [t.values[1] for t in front],
-            "params": [t.user_attrs["params"] for t in front],
-            "arch": [t.user_attrs["arch"] for t in front],
+def _fastest_draw(study: optuna.Study) -> float | None:
+    draws = trial_states.over_budget(study)
+    return min(t.user_attrs["latency_ms"] for t in draws) if draws else None
+
+
+def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
+    """Draws over the budget get no run of their own (they would bury the trained networks): the study's
+    run holds their count, the fastest of them and a table of all."""
+    draws = sorted(trial_states.over_budget(study), key=lambda t: t.user_attrs["latency_ms"])
+    if not tracker.parent_run_id:
+        return
+    tracker.log_metrics(tracker.parent_run_id, {"n_over_budget": len(draws)})
+    if not draws:
+        return
+    tracker.log_metrics(tracker.parent_run_id, {"fastest_over_budget_ms": draws[0].user_attrs["latency_ms"]})
+    table = {
+        "trial": [t.number for t in draws],
+        "latency_ms": [t.user_attrs["latency_ms"] for t in draws],
+        "params": [t.user_attrs["params"] for t in draws],
+        "flops": [t.user_attrs["flops"] for t in draws],
+        "reference": [t.user_attrs.get("reference") or "" for t in draws],
+        "arch": [t.user_attrs["arch"] for t in draws],
+    }
+    tracker.client.log_table(tracker.parent_run_id, table, "over_budget.json")
+
+
+def _log_best(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, best: list) -> None:
+    top = [
+        {
+            "trial": t.number,
+            "objective": goal.trial_score(t),
+            **{k: t.user_attrs.get(k) for k in ("arch", "val_acc", "latency_ms", "params", "flops", "reference")},
+            "params_sampled": t.params,
         }
-        if tracker.parent_run_id:
-            tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
-        lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, limit=len(front))]
+        for t in best[:5]
+    ]
+    tracker.log_parent_dict(
+        {"study": study.study_name, "objective": goal.describe(), "best": top}, "best/best_trials.json"
+    )
+    tracker.log_parent_dict(
+        {"study": study.study_name, "objective": goal.describe(), "best": top}, "best/best_trials.yaml"
+    )
+    tracker.log_parent_text(best[0].user_attrs["arch"], "best/best_arch.txt")
+    if tracker.parent_run_id:
+        ua = best[0].user_attrs
+        tracker.log_metrics(
+            tracker.parent_run_id,
+            {
+                "best_val_acc": ua["val_acc"],
+                "best_latency_ms": ua["latency_ms"],
+                "best_objective": goal.trial_score(best[0]),
+            },
+        )
+
+
+def _log_front(tracker: StudyTracker, front: list) -> None:
+    table = {
+        "trial": [t.number for t in front],
+        "val_acc": [t.user_attrs["val_acc"] for t in front],
+        "latency_ms": [t.user_attrs["latency_ms"] for t in front],
+        "params": [t.user_attrs["params"] for t in front],
+        "arch": [t.user_attrs["arch"] for t in front],
+    }
+    if tracker.parent_run_id:
+        tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
+
+
+def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
+    n, fastest = len(trial_states.over_budget(study)), _fastest_draw(study)
+    return (
+        f"no architecture met the latency budget of {goal.budget_ms} ms: {n} draws were over it "
+        f"(fastest {fastest:.4f} ms). Raise latency.budget_ms or use a smaller space"
+    )
+
+
+def _finish(
+    study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, goal: StudyObjective, stopped: tuple[int, str] | None
+) -> SearchResult:
+    counts = trial_states.counts(study)
+    best = goal.ranked(study)
+    lines = ["", summary_line(study.study_name, counts)]
+    if tracker.parent_run_id:
+        trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
+        tracker.log_metrics(
+            tracker.parent_run_id,
+            {"n_trained": trained, "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
+             "n_failed": counts[trial_states.FAILED]},
+        )  # fmt: skip
+    _log_over_budget(study, tracker)
+    if best:
+        lines += [f"best trials ({goal.describe()}):", summary_table(best, goal)]
+        _log_best(study, tracker, goal, best)
+    if isinstance(goal, ParetoObjective):
+        front = goal.front(study)
+        _log_front(tracker, front)
+        lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, goal, len(front))]
     if cfg.search.plots:
-        publish_plots(study, tracker)
+        publish_plots(study, tracker, goal)
     code, message = 0, ""
-    if not best and counts["infeasible"] and cfg.latency.budget_ms is not None:
-        fastest = min(
-            t.user_attrs["latency_ms"] for t in study.get_trials(deepcopy=False) if "latency_ms" in t.user_attrs
-        )
-        code = EXIT_NO_FEASIBLE
-        message = (
-            f"no architecture met the latency budget of {cfg.latency.budget_ms} ms: {counts['infeasible']} trials "
-            f"were over it (fastest {fastest:.4f} ms). Raise latency.budget_ms or use a smaller space"
-        )
+    if not best and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
+        code, message = EXIT_NO_FEASIBLE, _no_feasible_message(study, goal)
     if stopped:
-        code, message = EXIT_TOO_MANY_FAILURES, stopped
+        code, message = stopped
     uri = str(cfg.mlflow.tracking_uri)
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
     lines += [
@@ -153,12 +203,20 @@ def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
     return running
 
 
+def _data_identity(cfg: DictConfig, splits: Any) -> dict[str, Any]:
+    h, w = (int(v) for v in splits.train_x.shape[-2:])
+    root = cfg.data.get("root")
+    return {"root": None if root is None else str(root), "fingerprint": splits.fingerprint(), "image_size": f"{h}x{w}"}
+
+
 def run_search(cfg: DictConfig) -> SearchResult:
     target = parse_trials(cfg.trials)
+    cfg = with_group_files(cfg)
     check_search_cfg(cfg)
+    goal = objective_from_cfg(cfg)
     check_train_cfg(cfg)
     space = require_space(cfg)
-    resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts
+    hparams = resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts
     worker = cfg.search.role == "worker"
     plans = [] if worker else workers.plan(cfg)
     workers.check_latency_for_concurrency(cfg, len(plans))
@@ -171,9 +229,11 @@ def run_search(cfg: DictConfig) -> SearchResult:
         from nas.latency.fidelity import build_table
 
         build_table(space, estimator.table, num_classes, int(cfg.latency.calibrate), int(cfg.seed))
-    _precheck_budget(cfg, space, estimator)
-    identity = study_identity(cfg, space, estimator.settings.key_fields())
-    study, created = open_study(cfg, space, identity, storage)
+    _precheck_budget(cfg, space, estimator, goal)
+    data = _data_identity(cfg, splits)
+    latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator)}
+    identity = study_identity(cfg, space, goal, latency, data, hparams)
+    study, created = open_study(cfg, study_name(cfg, space, data["fingerprint"]), identity, storage, goal)
     tracker = StudyTracker(client, cfg, study.study_name)
     if worker:
         tracker.join_parent(study)
@@ -181,46 +241,52 @@ def run_search(cfg: DictConfig) -> SearchResult:
         tracker.open_parent(study, _study_params(cfg, space), space.path)
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
-    objective = Objective(cfg, space, splits, estimator, tracker, num_classes)
+    objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
     who = f"worker {cfg.search.worker_index}: " if worker else ""
     print(
-        f"{who}study {study.study_name} ({'new' if created else 'resumed'}, {count_finished(study)}/{target} trials "
-        f"finished) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
-        f"latency on {estimator.settings.device_name()}"
-        + (f", budget {cfg.latency.budget_ms} ms" if cfg.latency.budget_ms is not None else ""),
+        f"{who}study {study.study_name} ({'new' if created else 'resumed'}, {trial_states.count_trained(study)}/"
+        f"{target} networks trained) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
+        f"objective {goal.describe()}; latency on {estimator.settings.device_name()}",
         flush=True,
     )
     if len(plans) > 1:
-        return _run_workers(cfg, study, tracker, plans, target)
+        return _run_workers(cfg, study, tracker, plans, target, goal)
     try:
         with signals_interrupt_search():
             stopped = _trial_loop(cfg, study, tracker, objective, target)
     except (SearchInterrupted, KeyboardInterrupt) as exc:
         return _interrupted(exc, study, tracker, objective, target, worker)
     if worker:
-        return SearchResult(study, tracker, 0, "")
-    return _finish(study, tracker, cfg, stopped)
+        return SearchResult(study, tracker, stopped[0] if stopped else 0, stopped[1] if stopped else "")
+    return _finish(study, tracker, cfg, goal, stopped)
 
 
 def _trial_loop(
     cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int
-) -> str | None:
-    """Run trials until ``target`` have finished in the study (across all workers); returns why it stopped early."""
+) -> tuple[int, str] | None:
+    """Train networks until ``target`` are trained in the study (across all workers); returns why it stopped
+    early (exit code and message), if it did."""
     failures, max_failures, waiting = 0, int(cfg.search.max_consecutive_failures), False
+    max_draws = int(cfg.search.max_draws_over_budget)
     poll_s = max(1.0, min(5.0, float(cfg.search.heartbeat_s)))
-
-    last_state: list[str] = []
+    goal = objective.goal
+    draws = DrawReporter(goal.budget_ms)
 
     def report(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-        last_state[:] = [frozen.user_attrs.get("state", "failed")]
-        if last_state[0] == "surplus":  # another worker took the last slot: nothing ran
+        outcome = objective.outcomes[-1]
+        if outcome.state == trial_states.SURPLUS:  # another worker took the last slot: nothing ran
             return
-        best = ranked(study)
-        print(trial_line(objective.outcomes[-1], count_finished(study), target, best[0] if best else None), flush=True)
+        if outcome.state == trial_states.OVER_BUDGET:
+            draws.add(outcome)
+            return
+        best = goal.ranked(study)
+        over = len(trial_states.over_budget(study))
+        line = trial_line(outcome, trial_states.count_trained(study), target, best[0] if best else None, goal, over)
+        print(draws.flush() + line, flush=True)
 
     running = _sweep_stale(study, tracker)
     while True:
-        finished = count_finished(study)
+        finished = trial_states.count_trained(study)
         if finished >= target:
             return None
         if finished + len(running) >= target:
@@ -237,17 +303,27 @@ def _trial_loop(
             continue
         if failures >= max_failures:
             reasons = "; ".join(sorted({o.reason or "" for o in objective.outcomes[-failures:]}))
-            return (
+            return EXIT_TOO_MANY_FAILURES, (
                 f"stopped after {failures} consecutive failed trials (search.max_consecutive_failures="
                 f"{max_failures}): {reasons}"
             )
+        if draws.streak >= max_draws:
+            return EXIT_NO_FEASIBLE, draws.give_up_message(finished, target, max_draws)
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False)
-        failures = failures + 1 if last_state == ["failed"] else 0
+        last = objective.outcomes[-1].state if objective.outcomes else None
+        failures = failures + 1 if last == trial_states.FAILED else 0
+        if last not in (trial_states.OVER_BUDGET, trial_states.SURPLUS):
+            draws.reset()
         running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
 def _run_workers(
-    cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, plans: list[workers.WorkerPlan], target: int
+    cfg: DictConfig,
+    study: optuna.Study,
+    tracker: StudyTracker,
+    plans: list[workers.WorkerPlan],
+    target: int,
+    goal: StudyObjective,
 ) -> SearchResult:
     """Start the worker processes, wait for them, then summarise the study as one search."""
     where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in plans)
@@ -262,17 +338,22 @@ def _run_workers(
         tracker.close_parent("KILLED")
         message = (
             f"interrupted by {exc.signame}: workers stopped, running trials recorded as failed; "
-            f"{count_finished(study)}/{target} trials finished. Rerun the same command to resume"
+            f"{trial_states.count_trained(study)}/{target} networks trained. Rerun the same command to resume"
         )
         print(f"\n{message}", file=sys.stderr, flush=True)
         return SearchResult(study, tracker, exc.exit_code, message)
     stopped = None
-    if count_finished(study) < target:
+    trained = trial_states.count_trained(study)
+    if trained < target:
+        code = EXIT_NO_FEASIBLE if EXIT_NO_FEASIBLE in codes else EXIT_TOO_MANY_FAILURES
         stopped = (
-            f"workers exited (codes {codes}) with {count_finished(study)}/{target} trials finished; "
-            f"see their output above, then rerun the same command to resume"
+            code,
+            (
+                f"workers exited (codes {codes}) with {trained}/{target} networks trained; "
+                f"see their output above, then rerun the same command to resume"
+            ),
         )
-    return _finish(study, tracker, cfg, stopped)
+    return _finish(study, tracker, cfg, goal, stopped)
 
 
 def _interrupted(
@@ -285,7 +366,7 @@ def _interrupted(
     if not worker:
         tracker.close_parent("KILLED")
     message = (
-        f"interrupted by {signame}: {what}{count_finished(study)}/{target} trials finished. "
+        f"interrupted by {signame}: {what}{trial_states.count_trained(study)}/{target} networks trained. "
         f"Rerun the same command to resume"
     )
     print(f"\n{message}", file=sys.stderr, flush=True)

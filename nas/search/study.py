@@ -1,26 +1,29 @@
-"""Creating, resuming and counting an Optuna study: storage, sampler, pruner, yardsticks."""
+"""Creating, resuming and counting an Optuna study: storage, sampler, pruner, identity, yardsticks."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from nas import trial_states
+from nas.cli import CONF_DIR
 from nas.errors import NasError
+from nas.objectives import StudyObjective
+from nas.search.pruning import EvidencePruner
 from nas.space import Space
 from nas.train.run import recipe
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SAMPLERS = ("tpe", "nsga2", "random")
-PRUNERS = ("hyperband", "median", "none")
-OBJECTIVES = ("accuracy", "mnas")
+GROUPS = ("sampler", "pruner")  # config groups under search/: a YAML file per Optuna class
 
 
 def mask_url(url: str) -> str:
@@ -35,59 +38,89 @@ def mask_url(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
-def study_name(cfg: DictConfig, space: Space) -> str:
-    return cfg.study.name or f"{space.name}-{cfg.data.name}"
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / "search" / group).glob("*.yaml"))
 
 
-def is_multi_objective(cfg: DictConfig) -> bool:
-    return cfg.search.sampler == "nsga2"
+def with_group_files(cfg: DictConfig) -> DictConfig:
+    """Accept the short spelling ``search.sampler=gp`` beside Hydra's ``search/sampler=gp``.
+
+    Hydra's group override puts the file's contents at ``search.sampler``; a plain value override
+    replaces that node with the name, which is looked up here in the shipped group folder.
+    """
+    if all(not isinstance(cfg.search.get(g), str) for g in GROUPS):
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for group in GROUPS:
+        name = out.search.get(group)
+        if not isinstance(name, str):
+            continue
+        path = Path(CONF_DIR) / "search" / group / f"{name}.yaml"
+        if not path.is_file():
+            raise NasError(
+                f"search.{group}={name!r} is not one of {', '.join(group_options(group))}; add a file "
+                f"search/{group}/{name}.yaml to a config folder (hydra.searchpath) and pick it with "
+                f"search/{group}={name}"
+            )
+        out.search[group] = OmegaConf.load(path)
+    return out
 
 
-def directions(cfg: DictConfig) -> list[str]:
-    return ["maximize", "minimize"] if is_multi_objective(cfg) else ["maximize"]
+def _target(cfg: DictConfig, group: str) -> str:
+    node = cfg.search.get(group)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise NasError(
+            f"search.{group} must name an Optuna {group} class with _target_ (choose one with "
+            f"search/{group}=NAME: {', '.join(group_options(group))})"
+        )
+    return str(node._target_)
 
 
 def check_search_cfg(cfg: DictConfig) -> None:
-    s = cfg.search
-    if s.sampler not in SAMPLERS:
-        raise NasError(f"search.sampler={s.sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if s.pruner not in PRUNERS:
-        raise NasError(f"search.pruner={s.pruner!r} is not one of {', '.join(PRUNERS)}")
-    if s.objective not in OBJECTIVES:
-        raise NasError(f"search.objective={s.objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if s.objective == "mnas" and cfg.latency.budget_ms is None:
-        raise NasError("search.objective=mnas needs a latency target: set latency.budget_ms")
-    if s.objective == "mnas" and is_multi_objective(cfg):
-        raise NasError("search.objective=mnas is a single objective; use it with search.sampler=tpe or random")
-    budget = cfg.latency.budget_ms
-    if budget is not None and not (isinstance(budget, int | float) and budget > 0):
-        raise NasError(f"latency.budget_ms={budget!r} must be a positive number of milliseconds (or null)")
+    for group in GROUPS:
+        _target(cfg, group)
+    for key in ("max_consecutive_failures", "max_draws_over_budget", "pruning_warmup_epochs", "startup_trials"):
+        value = cfg.search.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise NasError(f"search.{key}={value!r} must be a whole number >= 0")
+
+
+def _instantiate(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
+    target = _target(cfg, group)
+    try:
+        return instantiate(cfg.search[group], **kwargs)
+    except Exception as exc:  # hydra wraps import errors and bad arguments in InstantiationException
+        reason = str(exc).splitlines()[0][:300]
+        raise NasError(f"search.{group}: cannot create {target}: {reason}") from None
 
 
 def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
-    """Options set explicitly: Optuna 5 changed TPE's defaults (multivariate, constant liar).
+    """The configured sampler, seeded.
 
     A resumed study must not replay the random draws of its first session (that would repeat
-    finished architectures), so the seed also depends on how many trials the study holds.
+    finished architectures), so the seed also depends on how many trials the study holds, and
+    on the worker's index so concurrent workers draw differently.
     """
-    s = cfg.search
-    seed = int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * int(s.get("worker_index", 0))
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=int(s.startup_trials)
-        )
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=int(s.get("population_size", 20)))
-    return optuna.samplers.RandomSampler(seed=seed)
+    seed = int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * int(cfg.search.get("worker_index", 0))
+    target = _target(cfg, "sampler")
+    kwargs: dict[str, Any] = {}
+    cls = _instantiate(cfg, "sampler", _partial_=True)
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs["seed"] = seed
+    sampler = cls(**kwargs)
+    if not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise NasError(f"search.sampler: {target} is not an Optuna sampler (optuna.samplers.BaseSampler)")
+    return sampler
 
 
-def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
-    s = cfg.search
-    if s.pruner == "none" or is_multi_objective(cfg):  # Optuna cannot prune multi-objective trials
+def make_pruner(cfg: DictConfig, objective: StudyObjective) -> optuna.pruners.BasePruner:
+    """The configured pruner behind :class:`EvidencePruner`; none where the objective cannot be pruned."""
+    pruner = _instantiate(cfg, "pruner")
+    if not isinstance(pruner, optuna.pruners.BasePruner):
+        raise NasError(f"search.pruner: {_target(cfg, 'pruner')} is not an Optuna pruner (optuna.pruners.BasePruner)")
+    if not objective.can_prune or isinstance(pruner, optuna.pruners.NopPruner):
         return optuna.pruners.NopPruner()
-    if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(s.startup_trials), n_warmup_steps=0)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(cfg.train.epochs), 1))
+    return EvidencePruner(pruner, int(cfg.search.startup_trials), int(cfg.search.pruning_warmup_epochs))
 
 
 def make_storage(cfg: DictConfig) -> RDBStorage:
@@ -124,43 +157,94 @@ def space_fingerprint(space: Space) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def study_identity(cfg: DictConfig, space: Space, latency_key: dict[str, Any]) -> dict[str, Any]:
-    """What a study must keep across resumes: changing any of these mixes incomparable trials."""
+def study_name(cfg: DictConfig, space: Space, data_fingerprint: str) -> str:
+    """``<space>-<data>``; for a user's folder also the data's fingerprint, so two folders never share a study."""
+    if cfg.study.name:
+        return str(cfg.study.name)
+    name = f"{space.name}-{cfg.data.name}"
+    return f"{name}-{data_fingerprint[:8]}" if cfg.data.get("name_with_fingerprint") else name
+
+
+def study_identity(
+    cfg: DictConfig,
+    space: Space,
+    objective: StudyObjective,
+    latency: dict[str, Any],
+    data: dict[str, Any],
+    hparams: dict[str, Any],
+) -> dict[str, Any]:
+    """What a study must keep across resumes: changing any of these makes trials incomparable.
+
+    Keys are the configuration's own names where there is one, so a refusal names what to change.
+    ``latency`` is the estimator's settings (``key_fields`` plus the estimator); ``data`` holds
+    ``root``, ``fingerprint`` and ``image_size`` of the loaded data.
+    """
+    settings = objective.settings()
     return {
         "space": space.name,
         "space_fingerprint": space_fingerprint(space),
-        "objective": cfg.search.objective,
-        "directions": directions(cfg),
-        "budget_ms": cfg.latency.budget_ms,
-        "latency_device": latency_key.get("device_name"),
-        "latency_batch": latency_key.get("batch_size"),
+        "objective": settings["objective"],
+        "directions": list(objective.directions),
+        "budget_ms": settings["budget_ms"],
+        **({"search.mnas_exponent": settings["mnas_exponent"]} if "mnas_exponent" in settings else {}),
+        "search.hparams": OmegaConf.to_container(OmegaConf.create(hparams), resolve=True),
+        "latency_device": latency.get("device_name"),
+        "latency_batch": latency.get("batch_size"),
+        "latency.mode": latency.get("mode"),
+        "latency.threads": latency.get("threads"),
+        "latency.estimator": latency.get("estimator"),
         "data": cfg.data.name,
+        "data.root": data.get("root"),
+        "data.fingerprint": data.get("fingerprint"),
+        "data.image_size": data.get("image_size"),
+        "data.val_size": cfg.data.get("val_size"),
+        "data.split_seed": cfg.data.get("split_seed"),
+        "data.repeat": cfg.data.get("repeat", 1),  # passes per epoch: part of what an epoch means
+        "train.epochs": int(cfg.train.epochs),
+        "train.batch_size": int(cfg.train.batch_size),
         **recipe(cfg),
     }
 
 
+def identity_diffs(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that changed. Keys a study was created without (an older
+    version of nas) are not held against it; the data's root alone may change (the same files moved)."""
+    diffs = [
+        f"{k}: {stored[k]!r} -> {v!r}"
+        for k, v in current.items()
+        if k in stored and stored[k] != v and k != "data.root"
+    ]
+    if any(d.startswith("data.fingerprint") for d in diffs) and stored.get("data.root") != current.get("data.root"):
+        diffs.insert(0, f"data.root: {stored.get('data.root')!r} -> {current.get('data.root')!r}")
+    return diffs
+
+
 def open_study(
-    cfg: DictConfig, space: Space, identity: dict[str, Any], storage: RDBStorage
+    cfg: DictConfig, name: str, identity: dict[str, Any], storage: RDBStorage, objective: StudyObjective
 ) -> tuple[optuna.Study, bool]:
-    """Create the study or resume it; refuse to resume one created for another space or objective."""
-    name = study_name(cfg, space)
+    """Create the study or resume it; refuse to resume one whose trials would not compare with new ones."""
     existing = name in optuna.get_all_study_names(storage)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
         sampler=make_sampler(cfg),
-        pruner=make_pruner(cfg),
-        directions=directions(cfg),
+        pruner=make_pruner(cfg, objective),
+        directions=list(objective.directions),
         load_if_exists=True,
     )
+    if existing and list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in objective.directions]:
+        raise NasError(
+            f"study {name!r} was created with {len(study.directions)} objective(s) and search.objective="
+            f"{objective.name} has {len(objective.directions)}. Resume it with the original search.objective, "
+            f"or start a new study with study.name=NEW_NAME"
+        )
     if existing or cfg.search.get("worker_index", 0):
         study.sampler = make_sampler(cfg, resumed_at=len(study.get_trials(deepcopy=False)))
     stored = study.user_attrs.get("identity")
     if stored is None:
         study.set_user_attr("identity", identity)
     else:
-        # Keys a study was created without (an older version of nas) are not held against it.
-        diffs = [f"{k}: {stored[k]!r} -> {v!r}" for k, v in identity.items() if k in stored and stored[k] != v]
+        diffs = identity_diffs(stored, identity)
         if diffs:
             raise NasError(
                 f"study {name!r} was created with a different setup ({'; '.join(diffs)}). Resume it with the "
@@ -169,16 +253,24 @@ def open_study(
     return study, not existing
 
 
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
 def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
-    """Whether trial ``number`` would exceed ``target``: the trials numbered before it that finished or are
-    still running already make up the target. Trial numbers are assigned atomically by the storage, so
-    concurrent workers agree on who is surplus."""
-    before = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-    return sum(t.number < number for t in before) >= target
+    """Whether training trial ``number`` could make the study exceed ``target`` trained networks.
+
+    Called when a trial is about to train. Counted against it: every trial numbered before it that
+    was trained, or is still running or queued (it may yet train). Trial numbers are assigned
+    atomically by the storage and a trial never counts a later one, so concurrent workers never
+    train more than ``target`` together; a trial that turns out surplus leaves the loop to ask again
+    once the running ones have ended.
+    """
+    before = study.get_trials(
+        deepcopy=False, states=(*trial_states.FINISHED_STATES, TrialState.RUNNING, TrialState.WAITING)
+    )
+    claimed = sum(
+        1
+        for t in before
+        if t.number < number and (t.state in (TrialState.RUNNING, TrialState.WAITING) or trial_states.is_trained(t))
+    )
+    return claimed >= target
 
 
 def enqueue_references(study: optuna.Study, space: Space) -> list[str]:

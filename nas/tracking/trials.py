@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas.tracking.runs import experiment_id
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+TRAIN_METRICS = ("train_loss", "train_acc")
+VAL_METRICS = ("val_loss", "val_acc")
 PARENT_ATTR = "mlflow_parent_run_id"
 MAX_PARAM = 6000  # MLflow's limit on a param value
 
@@ -50,21 +51,32 @@ def flatten_config(cfg: DictConfig, hide: tuple[str, ...] = ("study.storage",)) 
 
 
 class EpochMetricsToMlflow(pl.Callback):
-    """Logs train/val loss and accuracy once per epoch (step = epoch) to the trial's run."""
+    """Logs train/val loss and accuracy once per epoch (step = epoch) to the trial's run.
+
+    Validation metrics when validation ends (a pruned trial stops right there, and its last epoch
+    must not be lost); training metrics at the end of the training epoch, the first moment
+    Lightning holds their epoch values (during validation it still shows the previous epoch's).
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log(self, trainer: pl.Trainer, keys: tuple[str, ...]) -> None:
+        if trainer.sanity_checking:
+            return
         now, epoch = _now_ms(), trainer.current_epoch
         metrics = [
-            Metric(k, float(trainer.callback_metrics[k]), now, epoch)
-            for k in EPOCH_METRICS
-            if k in trainer.callback_metrics
+            Metric(k, float(trainer.callback_metrics[k]), now, epoch) for k in keys if k in trainer.callback_metrics
         ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, VAL_METRICS)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, TRAIN_METRICS)
 
 
 class StudyTracker:

@@ -134,7 +134,7 @@ def make_module(cfg: DictConfig, arch: Arch, num_classes: int) -> ClassifierModu
         num_classes,
         optimizer=instantiate(t.optimizer),
         scheduler=instantiate(t.schedule) if t.get("schedule") else None,
-        weight_decay=t.weight_decay,
+        weight_decay=float(t.optimizer.get("weight_decay", 0.0)),
         label_smoothing=t.label_smoothing,
         dropout=t.dropout,
         bn_momentum=t.bn_momentum,

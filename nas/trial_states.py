@@ -1,0 +1,61 @@
+"""What each trial of a study is: a trained network, a draw over the latency budget, or a failure.
+
+One classification for everyone who reads a study (the search's counting, its summary, the
+charts, ``nas.report`` and ``nas.retrain``): ``trials=N`` counts *trained* networks, so the
+definition has to be the same wherever trials are counted or ranked.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+COMPLETE = "complete"  # trained to the last epoch
+PRUNED = "pruned"  # trained, stopped early by the pruner
+OVER_BUDGET = "infeasible"  # a draw over latency.budget_ms: never trained (the stored name predates the term)
+FAILED = "failed"
+SURPLUS = "surplus"  # another worker already trains the study's last network; nothing ran
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def state(trial: FrozenTrial) -> str:
+    """The trial's outcome; Optuna's own state where ours was never written (e.g. a killed process)."""
+    if trial.state == TrialState.PRUNED:
+        return PRUNED
+    if trial.state == TrialState.FAIL:
+        return SURPLUS if trial.user_attrs.get("state") == SURPLUS else FAILED
+    if trial.state == TrialState.COMPLETE:
+        return OVER_BUDGET if trial.user_attrs.get("state") == OVER_BUDGET else COMPLETE
+    return trial.state.name.lower()
+
+
+def is_trained(trial: FrozenTrial) -> bool:
+    return state(trial) in (COMPLETE, PRUNED)
+
+
+def trained(study: optuna.Study) -> list[FrozenTrial]:
+    """Networks that were trained (to the end or until pruned): what ``trials=N`` counts."""
+    return [t for t in study.get_trials(deepcopy=False, states=FINISHED_STATES) if is_trained(t)]
+
+
+def count_trained(study: optuna.Study) -> int:
+    return len(trained(study))
+
+
+def complete(study: optuna.Study) -> list[FrozenTrial]:
+    """Trained to the last epoch: the trials whose accuracy can be compared and ranked."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if state(t) == COMPLETE]
+
+
+def over_budget(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if state(t) == OVER_BUDGET]
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per outcome, for progress lines, the summary and the study run's metrics."""
+    out = {COMPLETE: 0, PRUNED: 0, OVER_BUDGET: 0, FAILED: 0}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        s = state(t)
+        if s in out:
+            out[s] += 1
+    return out
