@@ -64,6 +64,21 @@ def write_image_folder(root: Path, per_class: int = 12, size: int = 16, seed: in
     return root
 
 
+def budget_at_percentile(space_file: Path, cfg: DictConfig, q: float) -> float:
+    """A latency budget between the space's own fast and slow networks, from the lookup table the search
+    will use (``cfg`` must say latency.estimator=table): about a fraction ``q`` of draws meet it."""
+    import numpy as np
+
+    from nas.latency.estimator import make_estimator
+    from nas.latency.fidelity import build_table
+    from nas.space import load_space
+
+    space = load_space(space_file)
+    estimator = make_estimator(cfg.latency, 10)
+    build_table(space, estimator.table, 10, int(cfg.latency.calibrate), int(cfg.seed))
+    return float(np.quantile([estimator.latency_ms(space.sample(seed)) for seed in range(200)], q))
+
+
 def compose_cfg(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

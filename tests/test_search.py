@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,7 +13,7 @@ from nas.errors import NasError
 from nas.search.runner import EXIT_NO_FEASIBLE, run_search
 from nas.search.study import mask_url
 from nas.space import load_space
-from tests.conftest import FAST, compose_cfg
+from tests.conftest import FAST, budget_at_percentile, compose_cfg
 
 
 def cfg_for(space, *extra):
@@ -126,21 +125,9 @@ def test_unreachable_budget_is_refused_up_front(in_tmp, tiny_space):
         run_search(cfg_for(tiny_space, "trials=3", "latency.budget_ms=0.0001"))
 
 
-def _budget_at_percentile(space_file: Path, cfg, q: float) -> float:
-    """A budget between the space's own fast and slow networks, from the latency table the search uses."""
-    from nas.latency.estimator import make_estimator
-    from nas.latency.fidelity import build_table
-
-    space = load_space(space_file)
-    estimator = make_estimator(cfg.latency, 10)
-    build_table(space, estimator.table, 10, int(cfg.latency.calibrate), int(cfg.seed))
-    latencies = [estimator.latency_ms(space.sample(seed)) for seed in range(200)]
-    return float(np.quantile(latencies, q))
-
-
 def test_trials_counts_trained_networks_and_draws_over_budget_are_told_to_the_sampler(in_tmp, tiny_space, capsys):
     table = ("latency.estimator=table", "latency.calibrate=2", "search/sampler=random")
-    budget = _budget_at_percentile(tiny_space, cfg_for(tiny_space, *table), 0.3)  # about 70% of draws are over it
+    budget = budget_at_percentile(tiny_space, cfg_for(tiny_space, *table), 0.3)  # about 70% of draws are over it
     result = run_search(cfg_for(tiny_space, "trials=4", f"latency.budget_ms={budget}", *table))
     assert result.exit_code == 0
     trials = result.study.trials

@@ -15,7 +15,7 @@ from nas.errors import NasError
 from nas.search import workers
 from nas.search.runner import run_search
 from tests.conftest import FAST as SEARCH_FAST
-from tests.conftest import compose_cfg
+from tests.conftest import budget_at_percentile, compose_cfg
 
 FAST = (*SEARCH_FAST, "latency.estimator=table", "latency.calibrate=2")
 
@@ -44,26 +44,30 @@ def test_concurrent_workers_refuse_measured_latency(tiny_space):
 
 def _check_exact(study: optuna.Study, tracking_uri: str, target: int) -> None:
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == target
+    trained = [t for t in trials if t.user_attrs.get("state") == "complete"]
+    assert len(trained) == target
     assert len({t.number for t in trials}) == len(trials)
-    # Only a trial that lost the race for the last slot may be FAIL, and it never ran.
+    # Only a trial that lost the race for the last slot may be FAIL, and it never trained.
     assert all(t.user_attrs.get("state") == "surplus" for t in trials if t.state == TrialState.FAIL)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(study.study_name)
     runs = client.search_runs([exp.experiment_id], "tags.`nas.kind` = 'trial'", max_results=1000)
     counts = Counter(r.data.tags["optuna.trial_number"] for r in runs)
-    assert sorted(counts) == sorted(str(t.number) for t in complete)
+    assert sorted(counts) == sorted(str(t.number) for t in trained)  # one run per trained network, none for draws
     assert set(counts.values()) == {1}
-    # Two processes really ran trials (their seeds differ, so their architectures do too).
-    assert len({t.user_attrs["arch"] for t in complete}) == target
+    # Both processes trained networks.
+    assert {t.user_attrs["worker"] for t in trained} == {0, 1}
 
 
-def test_two_workers_share_a_sqlite_study(in_tmp, tiny_space):
-    result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=5", "search.workers=2"))
+def test_two_workers_share_a_sqlite_study_with_a_budget(in_tmp, tiny_space):
+    cfg = compose_cfg(f"+space={tiny_space}", *FAST)
+    budget = budget_at_percentile(tiny_space, cfg, 0.4)  # most draws are over it: trained networks must still add up
+    result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=5", "search.workers=2",
+                                    f"latency.budget_ms={budget}"))  # fmt: skip
     assert result.exit_code == 0
     _check_exact(result.study, f"sqlite:///{in_tmp}/outputs/mlflow.db", 5)
+    assert any(t.user_attrs.get("state") == "infeasible" for t in result.study.trials)
 
 
 def test_two_workers_share_a_postgresql_study(in_tmp, tiny_space):

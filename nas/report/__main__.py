@@ -18,14 +18,15 @@ def main(cfg: DictConfig) -> None:
     from nas.objectives import objective_of
     from nas.report import publish_plots
     from nas.retrain.select import latest_study
-    from nas.search.study import make_storage
+    from nas.search.study import make_storage, mask_url
     from nas.tracking.runs import connect
     from nas.tracking.trials import StudyTracker
 
     storage = make_storage(cfg)
     name = cfg.study.name or latest_study(storage)
     if name not in optuna.get_all_study_names(storage):
-        raise NasError(f"no study named {name!r} in {cfg.study.storage}; known: {optuna.get_all_study_names(storage)}")
+        known = optuna.get_all_study_names(storage)
+        raise NasError(f"no study named {name!r} in {mask_url(str(cfg.study.storage))}; known: {known}")
     study = optuna.load_study(study_name=name, storage=storage)
     tracker = StudyTracker(connect(cfg.mlflow), cfg, name)
     tracker.join_parent(study)

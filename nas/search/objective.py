@@ -135,9 +135,10 @@ class Objective:
         finally:
             outcome.seconds = time.perf_counter() - t0
             self.outcomes.append(outcome)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            if outcome.run_id is not None:  # something was trained; draws over the budget are too many to pay this
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _end(self, run_id: str | None, state: str, status: str, reason: str | None = None) -> None:
         if run_id is not None:
@@ -184,6 +185,7 @@ class Objective:
     def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
         arch, cfg, reference = self._arch_and_cfg(trial)
         outcome.arch, outcome.reference = arch.encode(), reference
+        trial.set_user_attr("worker", int(self.cfg.search.get("worker_index", 0)))
         trial.set_user_attr("arch", outcome.arch)
         measured = self._measure(trial, outcome, arch)
         latency = measured["latency_ms"]

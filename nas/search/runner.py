@@ -157,10 +157,10 @@ def _finish(
     study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, goal: StudyObjective, stopped: tuple[int, str] | None
 ) -> SearchResult:
     counts = trial_states.counts(study)
+    trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
     best = goal.ranked(study)
     lines = ["", summary_line(study.study_name, counts)]
     if tracker.parent_run_id:
-        trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
         tracker.log_metrics(
             tracker.parent_run_id,
             {"n_trained": trained, "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
@@ -177,7 +177,7 @@ def _finish(
     if cfg.search.plots:
         publish_plots(study, tracker, goal)
     code, message = 0, ""
-    if not best and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
+    if not trained and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
         code, message = EXIT_NO_FEASIBLE, _no_feasible_message(study, goal)
     if stopped:
         code, message = stopped
