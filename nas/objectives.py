@@ -21,6 +21,7 @@ from nas import trial_states
 from nas.errors import NasError
 
 Value = float | tuple[float, float]
+EXPONENT_KEY = "search.mnas_exponent"  # in a study's identity, as in the configuration
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class MnasObjective(StudyObjective):
         return val_acc * (latency_ms / float(self.budget_ms)) ** self.exponent  # type: ignore[arg-type]
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "mnas_exponent": self.exponent}
+        return {**super().settings(), EXPONENT_KEY: self.exponent}
 
     def describe(self) -> str:
         return f"accuracy x (latency / {self.budget_ms} ms)^{self.exponent}"
@@ -144,4 +145,4 @@ def objective_of(study: optuna.Study, identity: Mapping[str, Any] | None = None)
     name = str(stored.get("objective", "accuracy"))
     if len(study.directions) == 2:
         name = ParetoObjective.name
-    return make_objective(name, stored.get("budget_ms"), stored.get("mnas_exponent", -0.07))
+    return make_objective(name, stored.get("budget_ms"), stored.get(EXPONENT_KEY, -0.07))

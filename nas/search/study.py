@@ -179,14 +179,11 @@ def study_identity(
     ``latency`` is the estimator's settings (``key_fields`` plus the estimator); ``data`` holds
     ``root``, ``fingerprint`` and ``image_size`` of the loaded data.
     """
-    settings = objective.settings()
     return {
         "space": space.name,
         "space_fingerprint": space_fingerprint(space),
-        "objective": settings["objective"],
+        **objective.settings(),  # objective, budget_ms (and search.mnas_exponent): read back by objective_of()
         "directions": list(objective.directions),
-        "budget_ms": settings["budget_ms"],
-        **({"search.mnas_exponent": settings["mnas_exponent"]} if "mnas_exponent" in settings else {}),
         "search.hparams": OmegaConf.to_container(OmegaConf.create(hparams), resolve=True),
         "latency_device": latency.get("device_name"),
         "latency_batch": latency.get("batch_size"),
