@@ -85,8 +85,12 @@ def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig
     assert all(r.info.status != "RUNNING" for r in _runs(tmp_path))
 
 
-def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
-    slow = ("train.epochs=3", "data.repeat=4", "search.pruner=none", "search.heartbeat_s=1")
+def test_sigkill_then_immediate_rerun_retries_the_stale_trial_and_closes_its_run(tmp_path, tiny_space):
+    """Rerun at once, while the killed trial's heartbeat is still fresh: the rerun trains other networks,
+    Optuna fails the trial once its heartbeat goes stale, the rerun closes its MLflow run and retries it."""
+    # Trials of ~10 s and a 10 s grace period: the rerun starts (~7 s) before the heartbeat is stale and
+    # notices it after its first trial (a slower start-up only moves the sweep to start-up).
+    slow = ("train.epochs=3", "data.repeat=16", "search/pruner=none", "search.heartbeat_s=5")
     proc, lines = _start(tmp_path, tiny_space, "trials=3", *slow)
     _wait_for(lines, "[1/3] trial", proc)
     time.sleep(2.0)
@@ -97,9 +101,9 @@ def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
     assert {r.info.status for r in _runs(tmp_path) if r.data.tags.get("optuna.trial_number") == str(killed.number)} == {
         "RUNNING"
     }
-    time.sleep(2.5)  # past the grace period (2 x heartbeat)
     done = _rerun(tmp_path, tiny_space, "trials=3", *slow)
     assert done.returncode == 0, done.stderr
+    assert "waiting for" not in done.stdout  # it did not sit out the grace period at the end
     study = _study(tmp_path)
     assert study.trials[killed.number].state == TrialState.FAIL
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -111,6 +115,32 @@ def test_sigkill_then_rerun_retries_the_stale_trial(tmp_path, tiny_space):
     stale = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed.number)]
     assert stale[0].info.status == "KILLED" and stale[0].data.tags["nas.state"] == "killed"
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_failed_trials_network_is_freed_before_the_next_trial_trains(in_tmp, tiny_space, monkeypatch):
+    """Through the command's entry point: nothing of a failed trial (its network, trainer, graph) may still be
+    alive when the next trial starts training, or one out-of-memory error cascades into the next trials."""
+    import weakref
+
+    import nas.search.objective as objective
+    import nas.train.run as run
+    from nas.search.__main__ import main
+
+    networks: list[weakref.ref] = []
+    make_module = run.make_module
+    monkeypatch.setattr(
+        run, "make_module", lambda *a, **k: networks.append(weakref.ref(m := make_module(*a, **k))) or m
+    )
+    alive_when_training: list[int] = []
+    train_arch = objective.train_arch
+
+    def train(*args, **kwargs):
+        alive_when_training.append(sum(ref() is not None for ref in networks))
+        return train_arch(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "train_arch", train)
+    assert main(compose_cfg(f"+space={tiny_space}", *FAST, "trials=2", "+search.inject_faults={0: oom, 1: error}")) == 0
+    assert alive_when_training == [0, 0, 0, 0]  # two failed trials, then two trained: never one left over
 
 
 def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_space):

@@ -67,6 +67,15 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
+def free_trial_memory() -> None:
+    """Collect the last trial's network, trainer and activations (they sit in reference cycles) and hand
+    cached GPU blocks back. Called by the loop once the trial has fully ended: inside the objective a
+    failed trial's traceback still holds all of it, and one OOM would then cascade into the next trials."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def from_queue(trial: optuna.Trial) -> bool:
     """Enqueued (a yardstick) or a heartbeat retry: work that must not be lost if this run of it is surplus."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -135,10 +144,6 @@ class Objective:
         finally:
             outcome.seconds = time.perf_counter() - t0
             self.outcomes.append(outcome)
-            if outcome.run_id is not None:  # something was trained; draws over the budget are too many to pay this
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
 
     def _end(self, run_id: str | None, state: str, status: str, reason: str | None = None) -> None:
         if run_id is not None:

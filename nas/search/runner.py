@@ -22,7 +22,7 @@ from nas.search import workers
 from nas.search.console import DrawReporter, retrain_command, summary_line, summary_table, trial_line
 from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
-from nas.search.objective import Objective, TrialFailed
+from nas.search.objective import Objective, TrialFailed, free_trial_memory
 from nas.search.study import (
     check_search_cfg,
     enqueue_references,
@@ -312,9 +312,14 @@ def _trial_loop(
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[report], gc_after_trial=False)
         last = objective.outcomes[-1].state if objective.outcomes else None
         failures = failures + 1 if last == trial_states.FAILED else 0
-        if last not in (trial_states.OVER_BUDGET, trial_states.SURPLUS):
+        if last in (trial_states.COMPLETE, trial_states.PRUNED, trial_states.FAILED):  # not after every draw
             draws.reset()
-        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            free_trial_memory()
+            # Optuna fails a killed process's trial once its heartbeat is stale (at the next ask()); its
+            # MLflow run is ours to close, now rather than at the next start-up.
+            running = _sweep_stale(study, tracker)
+        else:
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
 def _run_workers(

@@ -133,6 +133,10 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_steps = self._epoch_images = 0
 
     def on_train_end(self) -> None:
+        self.release_graph()
+
+    def release_graph(self) -> None:
+        """Free the captured step's graph and static buffers (idempotent; also called when fit raises)."""
         if self._graphed is not None:
             self.graph_captured = self._graphed.captured
             self._graphed.release()

@@ -186,7 +186,14 @@ def train_arch(
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = make_module(cfg, arch, datamodule.num_classes)
     trainer = make_trainer(cfg, callbacks, logger)
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        # On every way out of fit (Lightning skips on_train_end when it raises): free the captured
+        # graph, and unhook the trainer from the data module, which the search keeps across trials
+        # and which would otherwise keep this trial's network (and its GPU memory) alive.
+        module.release_graph()
+        datamodule.trainer = None
     metrics = trainer.callback_metrics
     return TrainResult(
         val_acc=float(metrics["val_acc"]),
