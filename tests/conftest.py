@@ -119,37 +119,51 @@ def mlflow_api(base: str, path: str, body: dict | None = None) -> dict:
         return json.load(r)
 
 
+AUTH_PASSWORD = "Adm1n-s3cret-pw"  # the admin of test servers started with auth=True
+
+
 @contextlib.contextmanager
-def mlflow_ui(cwd: Path, experiment: str) -> Iterator[tuple[str, str]]:
-    """``mlflow ui`` on the folder's outputs/mlflow.db, on a free loopback port; yields (base URL, experiment id)."""
+def mlflow_server(cwd: Path, auth: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``mlflow ui`` on the folder's outputs/mlflow.db, on a free loopback port; yields (process, base URL).
+
+    ``auth=True``: MLflow's basic-auth app, admin user ``admin`` with password ``AUTH_PASSWORD``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        "sqlite:///outputs/mlflow.db",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///outputs/mlflow.db",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    (cwd / "outputs").mkdir(exist_ok=True)
+    env = subprocess_env()
+    if auth:
+        ini = cwd / "auth.ini"
+        ini.write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{cwd}/basic_auth.db\n"
+            f"admin_username = admin\nadmin_password = {AUTH_PASSWORD}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        cmd += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests"}
+    server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                exp = mlflow_api(base, f"experiments/get-by-name?experiment_name={experiment}")["experiment"]
+                urllib.request.urlopen(f"{base}/health", timeout=5).read()
                 break
             except OSError:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
-        yield base, exp["experiment_id"]
+        yield server, base
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_ui(cwd: Path, experiment: str) -> Iterator[tuple[str, str]]:
+    """``mlflow ui`` serving a finished search's database; yields (base URL, the experiment's id)."""
+    with mlflow_server(cwd) as (_, base):
+        exp = mlflow_api(base, f"experiments/get-by-name?experiment_name={experiment}")["experiment"]
+        yield base, exp["experiment_id"]

@@ -154,6 +154,19 @@ def test_imagefolder_single_folder_layout_and_cache(tmp_path):
         imagefolder(tmp_path / "missing", cache_dir=cache)
 
 
+def test_a_corrupt_image_stops_with_its_path(tmp_path):
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", per_class=3)
+    broken = root / "train" / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated copy
+    with pytest.raises(DataError, match=r"cannot decode .*train/dog/1\.png: .* Replace or remove the file"):
+        imagefolder(root, cache_dir=tmp_path / "cache")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")  # ImageFolder skips other extensions
+    broken.unlink()
+    assert imagefolder(root, cache_dir=tmp_path / "cache").train_x.shape[0] == 5
+
+
 def test_real_cifar10_jpg_through_imagefolder(tmp_path):
     if not CIFAR_JPG.is_dir():
         pytest.skip(f"the CIFAR-10 JPEG copy is not at {CIFAR_JPG} on this machine")

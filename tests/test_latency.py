@@ -68,6 +68,20 @@ def test_single_block_prediction_is_stem_plus_block_plus_head(tmp_path):
     assert LatencyTable(FAST, tmp_path).calibration == pytest.approx((2.0, 0.5))  # persisted
 
 
+def test_a_calibrated_prediction_never_drops_to_zero_or_below(tmp_path):
+    """A line fitted on large networks may have a negative intercept; a small network must still cost time
+    (MnasNet's objective takes a power of the latency)."""
+    arch = decode(TINY_ARCH)
+    table = LatencyTable(FAST, tmp_path)
+    table.ensure(arch_components(arch, 10))
+    raw = table.raw_sum(arch, 10)
+    table.calibrate([10 * raw, 20 * raw], [5 * raw, 15 * raw])  # slope 1, intercept -5 x raw
+    assert table.calibration == pytest.approx((1.0, -5 * raw))
+    assert table.predict(arch, 10) == pytest.approx(0.1 * raw)  # the floor, not -4 x raw
+    table.calibrate([raw, 2 * raw], [raw, 2 * raw])
+    assert table.predict(arch, 10) == pytest.approx(raw)  # a sensible line is untouched
+
+
 def test_cache_key_changes_with_device_batch_and_mode(monkeypatch):
     base = table_id(LatencySettings(device="cpu", batch_size=1))
     assert table_id(LatencySettings(device="cpu", batch_size=8)) != base

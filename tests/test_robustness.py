@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
-from tests.conftest import FAST, TINY_SPACE, compose_cfg, subprocess_env
+from tests.conftest import FAST, TINY_SPACE, compose_cfg, mlflow_server, subprocess_env
 
 
 def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:
@@ -29,14 +29,14 @@ def _runs(cwd: Path, name: str = "tiny-digits"):
     return client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
 
 
-def _start(cwd: Path, space: Path, *args: str) -> tuple[subprocess.Popen, list[str]]:
+def _start(cwd: Path, space: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=subprocess_env(),
+        env=env or subprocess_env(),
     )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
@@ -143,6 +143,29 @@ def test_a_failed_trials_network_is_freed_before_the_next_trial_trains(in_tmp, t
     assert alive_when_training == [0, 0, 0, 0]  # two failed trials, then two trained: never one left over
 
 
+def test_tracking_server_down_mid_search_is_recorded_and_ends_in_one_clear_line(tmp_path, tiny_space):
+    # MLflow's client retries a lost server for minutes by default; the README says how to shorten that.
+    env = subprocess_env() | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    with mlflow_server(tmp_path) as (server, base):
+        args = ("trials=4", f"mlflow.tracking_uri={base}", "search.max_consecutive_failures=2")
+        proc, lines = _start(tmp_path, tiny_space, *args, env=env)
+        _wait_for(lines, "[1/4] trial", proc)
+        server.terminate()
+        server.wait(timeout=30)
+        stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_TOO_MANY_FAILURES, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped after 2 consecutive failed trials" in errors[0]
+    assert f"MLflow tracking at {base} failed" in errors[0]
+    assert "the study's results are in sqlite:///outputs/optuna.db" in errors[0]
+    study = _study(tmp_path)
+    assert study.trials[0].state == TrialState.COMPLETE  # recorded while the server was up
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all(f"MLflow tracking at {base} failed" in t.user_attrs["fail_reason"] for t in failed)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
 def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_space):
     cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=3", "+search.inject_faults={1: oom, 2: nonfinite}")
     result = run_search(cfg)
@@ -189,6 +212,42 @@ def test_consecutive_failures_stop_the_search_early(in_tmp, tiny_space, capsys):
     assert result.exit_code == EXIT_TOO_MANY_FAILURES
     assert len(result.study.trials) == 2
     assert "stopped after 2 consecutive failed trials" in result.message and "injected fault" in result.message
+
+
+def test_zero_max_consecutive_failures_means_never_stop(in_tmp, tiny_space):
+    cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "search.max_consecutive_failures=0",
+                      "+search.inject_faults={0: error, 1: error, 2: error}")  # fmt: skip
+    result = run_search(cfg)
+    assert result.exit_code == 0
+    assert [t.state for t in result.study.trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE]
+
+
+def test_a_trial_left_without_any_heartbeat_does_not_block_reruns(tmp_path, tiny_space):
+    """A process killed between ask() and its first heartbeat leaves a RUNNING trial Optuna never reclaims."""
+    assert _rerun(tmp_path, tiny_space, "trials=0").returncode == 0
+    orphan = _study(tmp_path).ask()  # a storage without heartbeats: the trial never gets one
+    done = _rerun(tmp_path, tiny_space, "trials=1", "search.heartbeat_s=1")  # times out (fails) if it waits for ever
+    assert done.returncode == 0, done.stderr
+    assert f"trial {orphan.number} made no progress for" in done.stdout
+    assert "it is failed and retried in 2 s" in done.stdout
+    study = _study(tmp_path)
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 1
+
+
+def test_workers_started_by_hand_draw_different_sequences(monkeypatch):
+    from nas.search.study import make_sampler, with_group_files, worker_index
+
+    cfg = with_group_files(compose_cfg("search.role=worker", "search.sampler=random"))
+    draws = []
+    for pid in (4242, 4243):  # two hand-started workers (other hosts or processes), no index given
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        study = optuna.create_study(sampler=make_sampler(cfg))
+        draws.append([study.ask().suggest_float("x", 0, 1) for _ in range(3)])
+        assert worker_index(cfg) > 0
+    assert draws[0] != draws[1]
+    assert worker_index(compose_cfg("search.role=worker", "search.worker_index=3")) == 3
+    assert worker_index(compose_cfg()) == 0
 
 
 def test_resuming_with_another_space_is_refused(in_tmp, tiny_space):

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from nas.errors import NasError
 from nas.search.runner import EXIT_NO_FEASIBLE, run_search
-from nas.search.study import mask_url
 from nas.space import load_space
+from nas.urls import mask_url
 from tests.conftest import FAST, budget_at_percentile, compose_cfg
 
 
@@ -236,3 +236,6 @@ def test_references_run_first_as_yardsticks(in_tmp, tmp_path, tiny_space):
 def test_mask_url_hides_passwords():
     assert mask_url("postgresql://nas:s3cret@db:5432/optuna") == "postgresql://nas:***@db:5432/optuna"
     assert mask_url("sqlite:///outputs/optuna.db") == "sqlite:///outputs/optuna.db"
+    assert mask_url("postgresql+psycopg://nas:p@ss@db/optuna") == "postgresql+psycopg://nas:***@db/optuna"
+    assert mask_url("http://me:tok3n@mlflow.example:5000/") == "http://me:***@mlflow.example:5000/"
+    assert mask_url("http://mlflow.example:5000") == "http://mlflow.example:5000"

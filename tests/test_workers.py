@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
+from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import pytest
@@ -70,18 +71,83 @@ def test_two_workers_share_a_sqlite_study_with_a_budget(in_tmp, tiny_space):
     assert any(t.user_attrs.get("state") == "infeasible" for t in result.study.trials)
 
 
-def test_two_workers_share_a_postgresql_study(in_tmp, tiny_space):
+def test_two_workers_share_a_postgresql_study_with_the_password_from_pgpassword(in_tmp, tiny_space, monkeypatch):
     url = os.environ.get("NAS_TEST_POSTGRES_URL")
     if not url:
         if os.environ.get("CI"):
             pytest.fail("CI must provide a PostgreSQL server: .ci/run starts one and sets NAS_TEST_POSTGRES_URL")
         pytest.skip("no PostgreSQL server here: set NAS_TEST_POSTGRES_URL=postgresql://user:pw@127.0.0.1/db")
+    parts = urlsplit(url)
+    assert parts.password, "NAS_TEST_POSTGRES_URL needs a password, which this test moves to PGPASSWORD"
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@")))
+    monkeypatch.setenv("PGPASSWORD", parts.password)  # libpq's own variable: no password on the command line
     name = f"pg-{uuid.uuid4().hex[:8]}"
     result = run_search(
         compose_cfg(
-            f"+space={tiny_space}", *FAST, "trials=4", "search.workers=2", f"study.storage={url}", f"study.name={name}"
+            f"+space={tiny_space}", *FAST, "trials=4", "search.workers=2", f"study.storage={bare}", f"study.name={name}"
         )
     )
     assert result.exit_code == 0
     study = optuna.load_study(study_name=name, storage=url)
     _check_exact(study, f"sqlite:///{in_tmp}/outputs/mlflow.db", 4)
+
+
+def test_workers_get_the_gpus_this_process_was_given():
+    """Under a scheduler's allocation (CUDA_VISIBLE_DEVICES=2,3) search.gpus indexes those two GPUs."""
+    plans = workers.plan(compose_cfg("search.gpus=all"), available_gpus=2)
+    base = {"CUDA_VISIBLE_DEVICES": "2,3", "PATH": "/bin"}
+    envs = [workers.worker_env(p, len(plans), base, {}) for p in plans]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3"]
+    only_second = workers.plan(compose_cfg("search.gpus=[1]"), available_gpus=2)
+    assert workers.worker_env(only_second[0], 1, base, {})["CUDA_VISIBLE_DEVICES"] == "3"
+    assert workers.worker_env(only_second[0], 1, {}, {})["CUDA_VISIBLE_DEVICES"] == "1"  # nothing inherited
+    # One pinned GPU still runs in a pinned process: this one may already have initialised another GPU.
+    assert workers.needs_processes(only_second) and not workers.needs_processes(workers.plan(compose_cfg(), 1))
+
+
+def test_worker_config_file_holds_no_secret(tmp_path):
+    cfg = compose_cfg(
+        "study.storage=postgresql://nas:s3cret@db/optuna", "mlflow.tracking_uri=http://me:t0ken@mlflow:5000"
+    )
+    secrets = workers.write_worker_config(cfg, tmp_path)
+    text = (tmp_path / "worker.yaml").read_text()
+    assert "s3cret" not in text and "t0ken" not in text and "${oc.env:NAS_STUDY_STORAGE}" in text
+    env = workers.worker_env(workers.WorkerPlan(0, None), 1, {}, secrets)
+    assert env["NAS_STUDY_STORAGE"] == "postgresql://nas:s3cret@db/optuna"
+    assert env["NAS_MLFLOW_TRACKING_URI"] == "http://me:t0ken@mlflow:5000"
+
+
+def test_a_workers_stop_reason_reaches_the_main_process(in_tmp, tiny_space, capsys):
+    faults = "{" + ", ".join(f"{n}: error" for n in range(12)) + "}"
+    result = run_search(
+        compose_cfg(f"+space={tiny_space}", *FAST, "trials=3", "search.workers=2",
+                    "search.max_consecutive_failures=1", f"+search.inject_faults={faults}")
+    )  # fmt: skip
+    assert result.exit_code == 4
+    assert "workers exited (codes [4, 4]) with 0/3 networks trained (worker 0: stopped after 1 consecutive" in (
+        result.message
+    )
+    assert "worker 1: stopped after 1 consecutive failed trials" in result.message
+    assert "injected fault" in result.message
+
+
+def test_queued_references_are_never_lost_to_the_surplus_rule():
+    """Two workers pop the two queued references at once for the study's last slot: the later trial is
+    surplus, and its reference goes back to the queue (before, it ended FAIL and was never trained)."""
+    from nas.objectives import make_objective
+    from nas.search.objective import Objective, SurplusTrial, TrialOutcome
+
+    study = optuna.create_study(direction="maximize")
+    for name in ("mobilenet_v3_small", "mobilenet_v3_large"):
+        study.enqueue_trial({}, user_attrs={"reference": name, "arch": f"arch-of-{name}"})
+    first, second = study.ask(), study.ask()  # worker A, then worker B, both before either trains
+    objective = Objective(compose_cfg("trials=1"), None, None, None, None, 10, make_objective("accuracy", None))
+    objective._claim(first, TrialOutcome(first.number, "complete", None, None, None, None, 0.0))  # A trains
+    with pytest.raises(SurplusTrial):
+        objective._claim(second, TrialOutcome(second.number, "complete", None, None, None, None, 0.0))
+    study.tell(second, state=TrialState.FAIL)
+    waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert [t.user_attrs for t in waiting] == [
+        {"reference": "mobilenet_v3_large", "arch": "arch-of-mobilenet_v3_large"}
+    ]
+    assert study.trials[second.number].user_attrs["state"] == "surplus"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
@@ -155,6 +156,17 @@ def _fingerprint(folder: ImageFolder, size: int | None) -> str:
     return h.hexdigest()[:20]
 
 
+def _open_image(folder: ImageFolder, path: str) -> Image.Image:
+    """The image as RGB; a file PIL cannot decode (truncated, not an image) stops with its path."""
+    try:
+        return folder.loader(path).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(
+            f"cannot decode {path}: {str(exc).splitlines()[0][:200]}. Replace or remove the file (a truncated "
+            f"copy?) and run again"
+        ) from None
+
+
 def _decode_folder(folder: ImageFolder, size: int | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The images, their labels, and a digest of the files' bytes, paths and labels: what the data *is*,
     the same for a copy on another machine (where mtimes and even JPEG decoders may differ)."""
@@ -164,7 +176,7 @@ def _decode_folder(folder: ImageFolder, size: int | None) -> tuple[torch.Tensor,
     for path, label in folder.samples:
         digest.update(f"{Path(path).relative_to(base)}|{label}|".encode())
         digest.update(Path(path).read_bytes())
-        img = TF.pil_to_tensor(folder.loader(path).convert("RGB"))
+        img = TF.pil_to_tensor(_open_image(folder, path))
         if size is not None and tuple(img.shape[1:]) != (size, size):
             img = TF.resize(img, [size, size], antialias=True)
         images.append(img)

@@ -24,6 +24,8 @@ from nas.models.blocks import batch_norm, make_divisible
 from nas.models.builder import ResolvedBlock, make_block, make_classifier, make_head_conv, make_stem, resolve_blocks
 from nas.space import Arch, BlockSpec, Space
 
+FLOOR = 0.1  # a calibrated prediction is at least this fraction of the summed layer latencies
+
 
 @dataclass(frozen=True)
 class Component:
@@ -193,11 +195,13 @@ class LatencyTable:
         return sum(self.entries[c.key] for c in comps)
 
     def predict(self, arch: Arch, num_classes: int) -> float:
+        """``a * sum + b``, never below ``FLOOR`` x the raw sum: a line fitted on a few large networks can have a
+        negative intercept that would make a small one free or negative (breaking MnasNet's objective)."""
         total = self.raw_sum(arch, num_classes)
         if self.calibration is None:
             return total
         a, b = self.calibration
-        return a * total + b
+        return max(a * total + b, FLOOR * total)
 
     def calibrate(self, raw_sums: list[float], measured: list[float]) -> tuple[float, float]:
         """Least-squares fit of measured whole-network latency on the table's raw sums."""

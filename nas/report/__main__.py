@@ -18,9 +18,10 @@ def main(cfg: DictConfig) -> None:
     from nas.objectives import objective_of
     from nas.report import publish_plots
     from nas.retrain.select import latest_study
-    from nas.search.study import make_storage, mask_url
+    from nas.search.study import make_storage
     from nas.tracking.runs import connect
     from nas.tracking.trials import StudyTracker
+    from nas.urls import mask_url
 
     storage = make_storage(cfg)
     name = cfg.study.name or latest_study(storage)

@@ -11,8 +11,8 @@ from optuna.trial import FrozenTrial
 from nas import trial_states
 from nas.objectives import StudyObjective
 from nas.search.objective import TrialOutcome
-from nas.search.study import mask_url
 from nas.train.run import recipe, recipe_overrides
+from nas.urls import mask_url
 
 DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
 DEFAULT_TRACKING = "sqlite:///outputs/mlflow.db"
@@ -28,7 +28,7 @@ def retrain_command(cfg: DictConfig, study_name: str) -> str:
     if str(cfg.study.storage) != DEFAULT_STORAGE:
         parts.append(f"study.storage={mask_url(str(cfg.study.storage))}")
     if str(cfg.mlflow.tracking_uri) != DEFAULT_TRACKING:
-        parts.append(f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}")
+        parts.append(f"mlflow.tracking_uri={mask_url(str(cfg.mlflow.tracking_uri))}")
     return " ".join(p for p in parts if p)
 
 

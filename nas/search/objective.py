@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
+from nas.errors import NasError
 from nas.latency.estimator import LatencyEstimator
 from nas.models import cost
 from nas.objectives import StudyObjective
@@ -27,9 +28,9 @@ from nas.search.faults import FaultInjection
 from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
 from nas.search.interrupts import SearchInterrupted
 from nas.search.pruning import ReportToPruner
-from nas.search.study import is_surplus
+from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
-from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker
+from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
 from nas.train.module import NonFiniteLossError
 from nas.train.run import make_datamodule, train_arch
 
@@ -60,6 +61,8 @@ class TrialOutcome:
 
 
 def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, NasError):  # already one clear sentence (a tracking outage, a bad setting)
+        return str(exc)
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return f"out of memory: {str(exc).splitlines()[0][:300]}"
     if isinstance(exc, NonFiniteLossError):
@@ -130,7 +133,7 @@ class Objective:
             if outcome.val_acc is not None:  # the last epoch's accuracy, for charts (never ranked)
                 trial.set_user_attr("val_acc", outcome.val_acc)
             trial.set_user_attr("epochs", outcome.epochs)
-            self._end(outcome.run_id, trial_states.PRUNED, "FINISHED")
+            self._close_run(trial, outcome, trial_states.PRUNED, {})
             raise
         except (SearchInterrupted, KeyboardInterrupt, SystemExit) as exc:
             reason = str(exc) if isinstance(exc, SearchInterrupted) else "interrupted"
@@ -139,23 +142,40 @@ class Objective:
             raise KeyboardInterrupt(reason) from exc
         except Exception as exc:
             reason = failure_reason(exc)
-            self._failed(trial, outcome, reason, "FAILED")
+            # A tracking outage is recorded in Optuna only: asking MLflow again would fail the same way.
+            self._failed(trial, outcome, reason, "FAILED", record=not isinstance(exc, TrackingError))
             raise TrialFailed(reason) from exc
         finally:
             outcome.seconds = time.perf_counter() - t0
             self.outcomes.append(outcome)
 
-    def _end(self, run_id: str | None, state: str, status: str, reason: str | None = None) -> None:
-        if run_id is not None:
-            self.tracker.end_trial(run_id, state, status, reason)
-
-    def _failed(self, trial: optuna.Trial, outcome: TrialOutcome, reason: str, status: str) -> None:
+    def _failed(
+        self, trial: optuna.Trial, outcome: TrialOutcome, reason: str, status: str, record: bool = True
+    ) -> None:
+        """The trial's reason goes to Optuna first (the source of truth), then to its MLflow run."""
         outcome.state, outcome.reason = trial_states.FAILED, reason
         trial.set_user_attr("state", trial_states.FAILED)
         trial.set_user_attr("fail_reason", reason)
-        if outcome.run_id is None:  # failed before training (e.g. unbuildable): a run still records why
-            outcome.run_id = self._start_run(trial, outcome)
-        self._end(outcome.run_id, trial_states.FAILED, status, reason)
+        if not record:
+            return
+        try:
+            if outcome.run_id is None:  # failed before training (e.g. unbuildable): a run still records why
+                outcome.run_id = self._start_run(trial, outcome)
+            self.tracker.end_trial(outcome.run_id, trial_states.FAILED, status, reason)
+        except TrackingError as exc:
+            outcome.reason = f"{reason}; {exc}"
+            trial.set_user_attr("fail_reason", outcome.reason)
+
+    def _close_run(self, trial: optuna.Trial, outcome: TrialOutcome, state: str, metrics: dict[str, float]) -> None:
+        """The trained trial's last metrics and state; an MLflow outage now costs the run, never the result."""
+        if outcome.run_id is None:
+            return
+        try:
+            self.tracker.log_metrics(outcome.run_id, metrics)
+            self.tracker.end_trial(outcome.run_id, state, "FINISHED")
+        except TrackingError as exc:
+            outcome.reason = f"trained and kept, but not recorded in MLflow: {exc}"
+            trial.set_user_attr("tracking_error", str(exc))
 
     def _start_run(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
         reference = outcome.reference
@@ -190,7 +210,7 @@ class Objective:
     def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
         arch, cfg, reference = self._arch_and_cfg(trial)
         outcome.arch, outcome.reference = arch.encode(), reference
-        trial.set_user_attr("worker", int(self.cfg.search.get("worker_index", 0)))
+        trial.set_user_attr("worker", worker_index(self.cfg))
         trial.set_user_attr("arch", outcome.arch)
         measured = self._measure(trial, outcome, arch)
         latency = measured["latency_ms"]
@@ -203,7 +223,8 @@ class Objective:
         self.tracker.log_metrics(run_id, measured)
         timer = Timer()
         reporter = ReportToPruner(trial, lambda acc: self.goal.score(acc, latency))
-        callbacks: list[Any] = [EpochMetricsToMlflow(self.tracker.client, run_id), timer]
+        epoch_log = EpochMetricsToMlflow(self.tracker.client, run_id)
+        callbacks: list[Any] = [epoch_log, timer]
         if self.goal.can_prune:  # Optuna takes no intermediate values from multi-objective trials
             callbacks.append(reporter)
         fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)
@@ -220,16 +241,15 @@ class Objective:
         trial.set_user_attr("epochs", outcome.epochs)
         total, epochs_s = time.perf_counter() - t0, timer.time_elapsed("train")
         trial.set_user_attr("time_s", {"total": total, "epochs": epochs_s})
-        self.tracker.log_metrics(
-            run_id,
-            {
-                "val_acc": result.val_acc,
-                "val_loss": result.val_loss,
-                "objective": self.goal.score(result.val_acc, latency),
-                "time_total_s": total,
-                "time_epochs_s": epochs_s,
-                "time_fixed_s": total - epochs_s,
-            },
-        )
-        self.tracker.end_trial(run_id, trial_states.COMPLETE, "FINISHED")
+        metrics = {
+            "val_acc": result.val_acc,
+            "val_loss": result.val_loss,
+            "objective": self.goal.score(result.val_acc, latency),
+            "time_total_s": total,
+            "time_epochs_s": epochs_s,
+            "time_fixed_s": total - epochs_s,
+        }
+        if epoch_log.error:
+            trial.set_user_attr("tracking_error", f"per-epoch metrics not logged: {epoch_log.error}")
+        self._close_run(trial, outcome, trial_states.COMPLETE, metrics)
         return self.goal.value(result.val_acc, latency)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -27,19 +28,21 @@ from nas.search.study import (
     check_search_cfg,
     enqueue_references,
     make_storage,
-    mask_url,
     open_study,
     study_identity,
     study_name,
     with_group_files,
+    worker_index,
 )
 from nas.space import Space, require_space
 from nas.tracking.runs import connect
-from nas.tracking.trials import StudyTracker, flatten_config
+from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
 from nas.train.run import check_train_cfg, load_splits
+from nas.urls import mask_url
 
 EXIT_NO_FEASIBLE = 3
 EXIT_TOO_MANY_FAILURES = 4
+EXIT_TRACKING = 5  # every trial is safe in the study's storage, but MLflow could not record the end
 
 
 @dataclass
@@ -74,6 +77,7 @@ def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any, goal: StudyO
 def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
     params = flatten_config(cfg)
     params["study.storage"] = mask_url(str(cfg.study.storage))
+    params["mlflow.tracking_uri"] = mask_url(str(cfg.mlflow.tracking_uri))
     params["space.file"] = str(space.path)
     return params
 
@@ -101,7 +105,7 @@ def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
         "reference": [t.user_attrs.get("reference") or "" for t in draws],
         "arch": [t.user_attrs["arch"] for t in draws],
     }
-    tracker.client.log_table(tracker.parent_run_id, table, "over_budget.json")
+    tracker.log_parent_table(table, "over_budget.json")
 
 
 def _log_best(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, best: list) -> None:
@@ -141,8 +145,7 @@ def _log_front(tracker: StudyTracker, front: list) -> None:
         "params": [t.user_attrs["params"] for t in front],
         "arch": [t.user_attrs["arch"] for t in front],
     }
-    if tracker.parent_run_id:
-        tracker.client.log_table(tracker.parent_run_id, table, "pareto_front.json")
+    tracker.log_parent_table(table, "pareto_front.json")
 
 
 def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
@@ -153,42 +156,56 @@ def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
     )
 
 
+def _record_study(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, plots: bool, failed: bool) -> None:
+    """Everything the study's MLflow run gets at the end; raises TrackingError when the server is gone."""
+    counts = trial_states.counts(study)
+    if tracker.parent_run_id:
+        tracker.log_metrics(
+            tracker.parent_run_id,
+            {"n_trained": counts[trial_states.COMPLETE] + counts[trial_states.PRUNED],
+             "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
+             "n_failed": counts[trial_states.FAILED]},
+        )  # fmt: skip
+    _log_over_budget(study, tracker)
+    best = goal.ranked(study)
+    if best:
+        _log_best(study, tracker, goal, best)
+    if isinstance(goal, ParetoObjective):
+        _log_front(tracker, goal.front(study))
+    if plots:
+        publish_plots(study, tracker, goal)
+    tracker.close_parent("FAILED" if failed else "FINISHED")
+
+
 def _finish(
     study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, goal: StudyObjective, stopped: tuple[int, str] | None
 ) -> SearchResult:
     counts = trial_states.counts(study)
-    trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
     best = goal.ranked(study)
     lines = ["", summary_line(study.study_name, counts)]
-    if tracker.parent_run_id:
-        tracker.log_metrics(
-            tracker.parent_run_id,
-            {"n_trained": trained, "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
-             "n_failed": counts[trial_states.FAILED]},
-        )  # fmt: skip
-    _log_over_budget(study, tracker)
     if best:
         lines += [f"best trials ({goal.describe()}):", summary_table(best, goal)]
-        _log_best(study, tracker, goal, best)
     if isinstance(goal, ParetoObjective):
         front = goal.front(study)
-        _log_front(tracker, front)
         lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, goal, len(front))]
-    if cfg.search.plots:
-        publish_plots(study, tracker, goal)
     code, message = 0, ""
+    trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
     if not trained and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
         code, message = EXIT_NO_FEASIBLE, _no_feasible_message(study, goal)
     if stopped:
         code, message = stopped
-    uri = str(cfg.mlflow.tracking_uri)
+    try:
+        _record_study(study, tracker, goal, bool(cfg.search.plots), failed=bool(code))
+    except TrackingError as exc:  # the study itself is safe in its storage: say so, once, and go on
+        unrecorded = f"the study's results are in {mask_url(str(cfg.study.storage))}, but {exc}"
+        code, message = (code, f"{message}; {unrecorded}") if code else (EXIT_TRACKING, unrecorded)
+    uri = mask_url(str(cfg.mlflow.tracking_uri))
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
     lines += [
         "",
         f"compare runs:  {ui}   (experiment '{cfg.mlflow.experiment or study.study_name}')",
         f"retrain best:  {retrain_command(cfg, study.study_name)}",
     ]
-    tracker.close_parent("FAILED" if code else "FINISHED")
     print("\n".join(lines), flush=True)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -199,7 +216,8 @@ def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
     """Fail (and re-queue) trials whose worker stopped beating; close their MLflow runs. Returns running trials."""
     optuna.storages.fail_stale_trials(study)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    tracker.close_stale_runs(set(running))
+    with contextlib.suppress(TrackingError):  # a tracking outage shows in the trials themselves; retried later
+        tracker.close_stale_runs(set(running))
     return running
 
 
@@ -242,33 +260,79 @@ def run_search(cfg: DictConfig) -> SearchResult:
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
-    who = f"worker {cfg.search.worker_index}: " if worker else ""
+    who = f"worker {worker_index(cfg)}: " if worker else ""
     print(
         f"{who}study {study.study_name} ({'new' if created else 'resumed'}, {trial_states.count_trained(study)}/"
         f"{target} networks trained) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
         f"objective {goal.describe()}; latency on {estimator.settings.device_name()}",
         flush=True,
     )
-    if len(plans) > 1:
+    if workers.needs_processes(plans):
         return _run_workers(cfg, study, tracker, plans, target, goal)
     try:
         with signals_interrupt_search():
-            stopped = _trial_loop(cfg, study, tracker, objective, target)
+            stopped = _trial_loop(cfg, study, tracker, objective, target, storage)
     except (SearchInterrupted, KeyboardInterrupt) as exc:
         return _interrupted(exc, study, tracker, objective, target, worker)
-    if worker:
+    if worker:  # the main process relays this line and names it in its own summary
+        if stopped:
+            print(f"error: {stopped[1]}", file=sys.stderr, flush=True)
         return SearchResult(study, tracker, stopped[0] if stopped else 0, stopped[1] if stopped else "")
     return _finish(study, tracker, cfg, goal, stopped)
 
 
+class RunningTrialsWait:
+    """Waiting at the end of a search for trials that other processes run, or that a killed one left RUNNING.
+
+    Optuna fails a trial whose heartbeat is older than the grace period, but a process killed between
+    ``ask()`` and its first heartbeat leaves a trial with none, which it never reclaims: every rerun would
+    wait for ever. After two grace periods without progress, each trial still waited for gets one
+    heartbeat recorded (harmless for a live trial, whose own thread keeps beating), so Optuna's rule
+    applies to it and the wait ends within one more grace period.
+    """
+
+    def __init__(self, storage: Any, study_name: str, heartbeat_s: int, announce: bool) -> None:
+        self.storage = storage
+        self.study_name = study_name
+        self.grace = 2 * heartbeat_s
+        self.announce = announce
+        self.since: float | None = None
+        self.nudged: set[int] = set()
+
+    def reset(self) -> None:
+        self.since = None
+
+    def step(self, running: list[int]) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            if self.announce:
+                print(
+                    f"waiting for {len(running)} running trial(s) {running} (another worker, or left by a killed "
+                    f"run: such trials are retried after {self.grace} s without heartbeat)",
+                    flush=True,
+                )
+        elif now - self.since > 2 * self.grace:
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            for number in sorted(set(running) - self.nudged):
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                self.storage.record_heartbeat(trial_id)
+                self.nudged.add(number)
+                print(
+                    f"trial {number} made no progress for {now - self.since:.0f} s: if its process is gone (killed "
+                    f"before its first heartbeat) it is failed and retried in {self.grace} s",
+                    flush=True,
+                )
+        time.sleep(max(1.0, min(5.0, self.grace / 2)))
+
+
 def _trial_loop(
-    cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int
+    cfg: DictConfig, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int, storage: Any
 ) -> tuple[int, str] | None:
     """Train networks until ``target`` are trained in the study (across all workers); returns why it stopped
     early (exit code and message), if it did."""
-    failures, max_failures, waiting = 0, int(cfg.search.max_consecutive_failures), False
+    failures, max_failures = 0, int(cfg.search.max_consecutive_failures)
     max_draws = int(cfg.search.max_draws_over_budget)
-    poll_s = max(1.0, min(5.0, float(cfg.search.heartbeat_s)))
     goal = objective.goal
     draws = DrawReporter(goal.budget_ms)
 
@@ -285,23 +349,18 @@ def _trial_loop(
         print(draws.flush() + line, flush=True)
 
     running = _sweep_stale(study, tracker)
+    wait = RunningTrialsWait(storage, study.study_name, int(cfg.search.heartbeat_s), cfg.search.role != "worker")
     while True:
         finished = trial_states.count_trained(study)
         if finished >= target:
             return None
         if finished + len(running) >= target:
             # The rest is being run elsewhere, or by a killed process whose heartbeat has yet to expire.
-            if not waiting and cfg.search.role != "worker":
-                print(
-                    f"waiting for {len(running)} running trial(s) {running} (another worker, or left by a killed "
-                    f"run: such trials are retried after {2 * int(cfg.search.heartbeat_s)} s without heartbeat)",
-                    flush=True,
-                )
-                waiting = True
-            time.sleep(poll_s)
+            wait.step(running)
             running = _sweep_stale(study, tracker)
             continue
-        if failures >= max_failures:
+        wait.reset()
+        if max_failures and failures >= max_failures:  # 0: never stop for failures
             reasons = "; ".join(sorted({o.reason or "" for o in objective.outcomes[-failures:]}))
             return EXIT_TOO_MANY_FAILURES, (
                 f"stopped after {failures} consecutive failed trials (search.max_consecutive_failures="
@@ -334,13 +393,14 @@ def _run_workers(
     where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in plans)
     print(f"starting {len(plans)} worker processes ({where})", flush=True)
     folder = Path("outputs") / "workers" / study.study_name
-    procs = workers.spawn(cfg, plans, folder)
+    started = workers.spawn(cfg, plans, folder)
     try:
         with signals_interrupt_search():
-            codes = workers.wait_all(procs)
+            codes = workers.wait_all(started)
     except SearchInterrupted as exc:
-        workers.wait_all(procs, forward=exc.signame)
-        tracker.close_parent("KILLED")
+        workers.wait_all(started, forward=exc.signame)
+        with contextlib.suppress(TrackingError):
+            tracker.close_parent("KILLED")
         message = (
             f"interrupted by {exc.signame}: workers stopped, running trials recorded as failed; "
             f"{trial_states.count_trained(study)}/{target} networks trained. Rerun the same command to resume"
@@ -351,11 +411,12 @@ def _run_workers(
     trained = trial_states.count_trained(study)
     if trained < target:
         code = EXIT_NO_FEASIBLE if EXIT_NO_FEASIBLE in codes else EXIT_TOO_MANY_FAILURES
+        reasons = "; ".join(f"worker {w.plan.index}: {e}" for w in started for e in w.errors) or "no reason given"
         stopped = (
             code,
             (
-                f"workers exited (codes {codes}) with {trained}/{target} networks trained; "
-                f"see their output above, then rerun the same command to resume"
+                f"workers exited (codes {codes}) with {trained}/{target} networks trained ({reasons}); "
+                f"rerun the same command to resume"
             ),
         )
     return _finish(study, tracker, cfg, goal, stopped)
@@ -369,7 +430,8 @@ def _interrupted(
     last = objective.outcomes[-1] if objective.outcomes else None
     what = f"trial {last.number} recorded as failed; " if last and last.reason and "interrupted" in last.reason else ""
     if not worker:
-        tracker.close_parent("KILLED")
+        with contextlib.suppress(TrackingError):
+            tracker.close_parent("KILLED")
     message = (
         f"interrupted by {signame}: {what}{trial_states.count_trained(study)}/{target} networks trained. "
         f"Rerun the same command to resume"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,20 +24,9 @@ from nas.objectives import StudyObjective
 from nas.search.pruning import EvidencePruner
 from nas.space import Space
 from nas.train.run import recipe
+from nas.urls import mask_url
 
 GROUPS = ("sampler", "pruner")  # config groups under search/: a YAML file per Optuna class
-
-
-def mask_url(url: str) -> str:
-    """The storage URL with any password replaced, for logs and MLflow params."""
-    if "://" not in url or "@" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("://", 1)[0] + "://***"
 
 
 def group_options(group: str) -> list[str]:
@@ -94,6 +85,19 @@ def _instantiate(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
         raise NasError(f"search.{group}: cannot create {target}: {reason}") from None
 
 
+def worker_index(cfg: DictConfig) -> int:
+    """Spawned workers are numbered by the main process. A worker started by hand on another machine
+    (``search.role=worker`` with no index) takes a number from its host and process, so that two of them
+    starting at the same study size never draw the same sequence."""
+    index = cfg.search.get("worker_index")
+    if index is not None:
+        return int(index)
+    if cfg.search.get("role") != "worker":
+        return 0
+    digest = hashlib.blake2b(f"{socket.gethostname()}|{os.getpid()}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
 def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded.
 
@@ -101,7 +105,7 @@ def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSa
     finished architectures), so the seed also depends on how many trials the study holds, and
     on the worker's index so concurrent workers draw differently.
     """
-    seed = int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * int(cfg.search.get("worker_index", 0))
+    seed = (int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * worker_index(cfg)) % 2**32  # numpy takes < 2^32
     target = _target(cfg, "sampler")
     kwargs: dict[str, Any] = {}
     cls = _instantiate(cfg, "sampler", _partial_=True)
@@ -235,7 +239,7 @@ def open_study(
             f"{objective.name} has {len(objective.directions)}. Resume it with the original search.objective, "
             f"or start a new study with study.name=NEW_NAME"
         )
-    if existing or cfg.search.get("worker_index", 0):
+    if existing or worker_index(cfg):
         study.sampler = make_sampler(cfg, resumed_at=len(study.get_trials(deepcopy=False)))
     stored = study.user_attrs.get("identity")
     if stored is None:

@@ -13,7 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,21 +74,69 @@ def check_latency_for_concurrency(cfg: DictConfig, workers: int) -> None:
         )
 
 
-def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[subprocess.Popen]:
-    """Start the workers with this exact (resolved) configuration."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "worker.yaml"
-    OmegaConf.save(cfg, config, resolve=True)
-    procs = []
+SECRET_ENV = {"study.storage": "NAS_STUDY_STORAGE", "mlflow.tracking_uri": "NAS_MLFLOW_TRACKING_URI"}
+
+
+def needs_processes(plans: list[WorkerPlan]) -> bool:
+    """Several trials at once, or one pinned to a chosen GPU (this process may already hold another one)."""
+    return len(plans) > 1 or any(p.gpu is not None for p in plans)
+
+
+def worker_env(plan: WorkerPlan, workers: int, base: dict[str, str], secrets: dict[str, str]) -> dict[str, str]:
+    """The worker's environment: its GPU, its share of the CPU cores, and the URLs that may hold passwords.
+
+    ``search.gpus`` indexes the GPUs this process can see; under a scheduler's allocation
+    (``CUDA_VISIBLE_DEVICES=2,3``) index 0 is physical GPU 2, so the worker gets ``2``, not ``0``.
+    """
+    env = dict(base)
     # Split the CPU cores: k workers each using every core oversubscribe the machine (measured on 2 cores:
     # 2 workers x 2 threads ran 0.44x as many trials per hour as one worker).
-    threads = str(max(1, (os.cpu_count() or 1) // len(plans)))
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env.setdefault("MKL_NUM_THREADS", threads)
+    if plan.gpu is not None:
+        visible = [v.strip() for v in base.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[plan.gpu] if visible else str(plan.gpu)
+    env.update({SECRET_ENV[key]: value for key, value in secrets.items()})
+    return env
+
+
+def write_worker_config(cfg: DictConfig, folder: Path) -> dict[str, str]:
+    """The resolved configuration for the workers, with the storage and tracking URLs replaced by
+    environment lookups: a password never lands in a file. Returns the real values for the environment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    secrets = {}
+    for key, var in SECRET_ENV.items():
+        secrets[key] = str(OmegaConf.select(resolved, key))
+        OmegaConf.update(resolved, key, f"${{oc.env:{var}}}", merge=False)
+    OmegaConf.save(resolved, folder / "worker.yaml")
+    return secrets
+
+
+@dataclass
+class Worker:
+    plan: WorkerPlan
+    process: subprocess.Popen
+    errors: list[str] = field(default_factory=list)  # the worker's "error: ..." lines, for the main summary
+    relay: threading.Thread | None = None
+
+
+def _relay(worker: Worker) -> None:
+    """Pass the worker's stderr on (prefixed with its index) and keep its error lines."""
+    assert worker.process.stderr is not None
+    for line in worker.process.stderr:
+        if line.startswith("error: "):
+            worker.errors.append(line.removeprefix("error: ").strip())
+        sys.stderr.write(f"[worker {worker.plan.index}] {line}")
+        sys.stderr.flush()
+
+
+def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[Worker]:
+    """Start the workers with this exact (resolved) configuration."""
+    secrets = write_worker_config(cfg, folder)
+    started = []
     for p in plans:
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", threads)
-        env.setdefault("MKL_NUM_THREADS", threads)
-        if p.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(p.gpu)
         cmd = [
             sys.executable,
             "-m",
@@ -103,21 +152,28 @@ def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[subpro
             f"search.worker_index={p.index}",
             f"hydra.run.dir={folder / f'worker-{p.index}'}",
         ]
-        procs.append(subprocess.Popen(cmd, env=env))
-    return procs
+        env = worker_env(p, len(plans), dict(os.environ), secrets)
+        process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+        worker = Worker(p, process)
+        worker.relay = threading.Thread(target=_relay, args=(worker,), daemon=True)
+        worker.relay.start()
+        started.append(worker)
+    return started
 
 
-def wait_all(procs: list[subprocess.Popen], forward: str | None = None, timeout: float = 120) -> list[int]:
+def wait_all(started: list[Worker], forward: str | None = None, timeout: float = 120) -> list[int]:
     """Wait for every worker; with ``forward`` (a signal name) first pass that signal on."""
     if forward:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(getattr(signal, forward))
+        for w in started:
+            if w.process.poll() is None:
+                w.process.send_signal(getattr(signal, forward))
     codes = []
-    for p in procs:
+    for w in started:
         try:
-            codes.append(p.wait(timeout=timeout if forward else None))
+            codes.append(w.process.wait(timeout=timeout if forward else None))
         except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
+            w.process.kill()
+            codes.append(w.process.wait())
+        if w.relay is not None:
+            w.relay.join(timeout=10)
     return codes

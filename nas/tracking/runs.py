@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -13,14 +15,17 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from nas.errors import NasError
+from nas.urls import mask_url
 
 
 def _check_reachable(uri: str) -> None:
+    parts = urlsplit(uri)  # urllib takes no user:password@ in a URL; /health needs none
+    health = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        urllib.request.urlopen(health, timeout=5).read()
     except (urllib.error.URLError, OSError) as exc:
         raise NasError(
-            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
+            f"MLflow tracking server {mask_url(uri)} is unreachable ({getattr(exc, 'reason', exc)}); start it "
             f"(mlflow server --host 127.0.0.1 --port 5000) or use the embedded default "
             f"mlflow.tracking_uri=sqlite:///outputs/mlflow.db"
         ) from None
@@ -36,8 +41,29 @@ def connect(cfg: DictConfig) -> MlflowClient:
         uri = f"sqlite:///{path}"
     elif uri.startswith(("http://", "https://")):
         _check_reachable(uri)
+        # MLflow prints a "View run ... at: <server URL>" link for every run it ends: hundreds of lines in a
+        # search, and the server's password with them when the URL carries one.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        _check_allowed(client, uri)
+    return client
+
+
+def _check_allowed(client: MlflowClient, uri: str) -> None:
+    """A server with authentication refuses anonymous calls: say which credentials it wants, up front."""
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        reason = str(exc).splitlines()[0][:200]
+        refused = "401" in reason or "403" in reason or exc.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        fix = (
+            "give its user name and password in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            if refused
+            else "check the server's log"
+        )
+        raise NasError(f"MLflow tracking server {mask_url(uri)} refused the request ({reason}); {fix}") from None
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -7,24 +7,49 @@ workers log under the same parent.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
+from nas.errors import NasError
 from nas.tracking.runs import experiment_id
+from nas.urls import mask_url
 
 TRAIN_METRICS = ("train_loss", "train_acc")
 VAL_METRICS = ("val_loss", "val_acc")
 PARENT_ATTR = "mlflow_parent_run_id"
 MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TrackingError(NasError):
+    """MLflow could not be reached, or refused a call (a tracking server down mid-search)."""
+
+
+def tracked(method: F) -> F:
+    """One clear error, naming the server (password masked), instead of MLflow's or requests' exceptions."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (MlflowException, OSError) as exc:
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise TrackingError(f"MLflow tracking at {mask_url(self.client.tracking_uri)} failed: {reason}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _now_ms() -> int:
@@ -61,16 +86,20 @@ class EpochMetricsToMlflow(pl.Callback):
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.error: str | None = None  # the first failure: per-epoch metrics are not worth failing a trial for
 
     def _log(self, trainer: pl.Trainer, keys: tuple[str, ...]) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.error is not None:
             return
         now, epoch = _now_ms(), trainer.current_epoch
         metrics = [
             Metric(k, float(trainer.callback_metrics[k]), now, epoch) for k in keys if k in trainer.callback_metrics
         ]
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+            except (MlflowException, OSError) as exc:
+                self.error = str(exc).splitlines()[0][:300]
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer, VAL_METRICS)
@@ -92,6 +121,7 @@ class StudyTracker:
         self.parent_run_id: str | None = None
 
     # -- the study's parent run -------------------------------------------------------------
+    @tracked
     def open_parent(self, study: Any, params: Mapping[str, Any], space_file: Path | None) -> str:
         run_id = study.user_attrs.get(PARENT_ATTR)
         if run_id is not None:
@@ -115,23 +145,33 @@ class StudyTracker:
         self.parent_run_id = study.user_attrs.get(PARENT_ATTR)
         return self.parent_run_id
 
+    @tracked
     def close_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status=status)
 
+    @tracked
     def log_parent_dict(self, data: Any, artifact_file: str) -> None:
         if self.parent_run_id:
             self.client.log_dict(self.parent_run_id, data, artifact_file)
 
+    @tracked
     def log_parent_text(self, text: str, artifact_file: str) -> None:
         if self.parent_run_id:
             self.client.log_text(self.parent_run_id, text, artifact_file)
 
+    @tracked
     def log_parent_file(self, path: Path, artifact_path: str | None = None) -> None:
         if self.parent_run_id:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
 
+    @tracked
+    def log_parent_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        if self.parent_run_id:
+            self.client.log_table(self.parent_run_id, dict(table), artifact_file)
+
     # -- one trial ------------------------------------------------------------------------------
+    @tracked
     def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         all_tags = {
             "nas.study": self.study_name,
@@ -146,12 +186,14 @@ class StudyTracker:
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
+    @tracked
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = _now_ms()
         clean = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         if clean:
             self.client.log_batch(run_id, metrics=clean)
 
+    @tracked
     def end_trial(self, run_id: str, state: str, status: str, reason: str | None = None) -> None:
         tags = [RunTag("nas.state", state)]
         if reason:
@@ -159,6 +201,7 @@ class StudyTracker:
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, status=status)
 
+    @tracked
     def close_stale_runs(self, running_trial_numbers: set[int]) -> int:
         """End trial runs left RUNNING by a killed process (their Optuna trial is no longer running)."""
         closed = 0
