@@ -1,11 +1,10 @@
-"""The search loop: open the study and its MLflow parent run, run trials until ``trials`` have finished."""
+"""The search loop: open the study and its MLflow parent run, train networks until ``trials`` are trained."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,9 @@ from nas import trial_states
 from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
-from nas.objectives import ParetoObjective, StudyObjective, objective_from_cfg
-from nas.report import publish_plots
+from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
-from nas.search.console import DrawReporter, retrain_command, summary_line, summary_table, trial_line
+from nas.search.console import DrawReporter, trial_line
 from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed, free_trial_memory
@@ -34,23 +32,17 @@ from nas.search.study import (
     with_group_files,
     worker_index,
 )
+from nas.search.summary import (
+    EXIT_NO_FEASIBLE,
+    EXIT_TOO_MANY_FAILURES,
+    SearchResult,
+    finish,
+)
 from nas.space import Space, require_space
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
 from nas.train.run import check_train_cfg, load_splits
 from nas.urls import mask_url
-
-EXIT_NO_FEASIBLE = 3
-EXIT_TOO_MANY_FAILURES = 4
-EXIT_TRACKING = 5  # every trial is safe in the study's storage, but MLflow could not record the end
-
-
-@dataclass
-class SearchResult:
-    study: optuna.Study
-    tracker: StudyTracker
-    exit_code: int
-    message: str
 
 
 def parse_trials(value: Any) -> int:
@@ -80,136 +72,6 @@ def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
     params["mlflow.tracking_uri"] = mask_url(str(cfg.mlflow.tracking_uri))
     params["space.file"] = str(space.path)
     return params
-
-
-def _fastest_draw(study: optuna.Study) -> float | None:
-    draws = trial_states.over_budget(study)
-    return min(t.user_attrs["latency_ms"] for t in draws) if draws else None
-
-
-def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
-    """Draws over the budget get no run of their own (they would bury the trained networks): the study's
-    run holds their count, the fastest of them and a table of all."""
-    draws = sorted(trial_states.over_budget(study), key=lambda t: t.user_attrs["latency_ms"])
-    if not tracker.parent_run_id:
-        return
-    tracker.log_metrics(tracker.parent_run_id, {"n_over_budget": len(draws)})
-    if not draws:
-        return
-    tracker.log_metrics(tracker.parent_run_id, {"fastest_over_budget_ms": draws[0].user_attrs["latency_ms"]})
-    table = {
-        "trial": [t.number for t in draws],
-        "latency_ms": [t.user_attrs["latency_ms"] for t in draws],
-        "params": [t.user_attrs["params"] for t in draws],
-        "flops": [t.user_attrs["flops"] for t in draws],
-        "reference": [t.user_attrs.get("reference") or "" for t in draws],
-        "arch": [t.user_attrs["arch"] for t in draws],
-    }
-    tracker.log_parent_table(table, "over_budget.json")
-
-
-def _log_best(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, best: list) -> None:
-    top = [
-        {
-            "trial": t.number,
-            "objective": goal.trial_score(t),
-            **{k: t.user_attrs.get(k) for k in ("arch", "val_acc", "latency_ms", "params", "flops", "reference")},
-            "params_sampled": t.params,
-        }
-        for t in best[:5]
-    ]
-    tracker.log_parent_dict(
-        {"study": study.study_name, "objective": goal.describe(), "best": top}, "best/best_trials.json"
-    )
-    tracker.log_parent_dict(
-        {"study": study.study_name, "objective": goal.describe(), "best": top}, "best/best_trials.yaml"
-    )
-    tracker.log_parent_text(best[0].user_attrs["arch"], "best/best_arch.txt")
-    if tracker.parent_run_id:
-        ua = best[0].user_attrs
-        tracker.log_metrics(
-            tracker.parent_run_id,
-            {
-                "best_val_acc": ua["val_acc"],
-                "best_latency_ms": ua["latency_ms"],
-                "best_objective": goal.trial_score(best[0]),
-            },
-        )
-
-
-def _log_front(tracker: StudyTracker, front: list) -> None:
-    table = {
-        "trial": [t.number for t in front],
-        "val_acc": [t.user_attrs["val_acc"] for t in front],
-        "latency_ms": [t.user_attrs["latency_ms"] for t in front],
-        "params": [t.user_attrs["params"] for t in front],
-        "arch": [t.user_attrs["arch"] for t in front],
-    }
-    tracker.log_parent_table(table, "pareto_front.json")
-
-
-def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
-    n, fastest = len(trial_states.over_budget(study)), _fastest_draw(study)
-    return (
-        f"no architecture met the latency budget of {goal.budget_ms} ms: {n} draws were over it "
-        f"(fastest {fastest:.4f} ms). Raise latency.budget_ms or use a smaller space"
-    )
-
-
-def _record_study(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, plots: bool, failed: bool) -> None:
-    """Everything the study's MLflow run gets at the end; raises TrackingError when the server is gone."""
-    counts = trial_states.counts(study)
-    if tracker.parent_run_id:
-        tracker.log_metrics(
-            tracker.parent_run_id,
-            {"n_trained": counts[trial_states.COMPLETE] + counts[trial_states.PRUNED],
-             "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
-             "n_failed": counts[trial_states.FAILED]},
-        )  # fmt: skip
-    _log_over_budget(study, tracker)
-    best = goal.ranked(study)
-    if best:
-        _log_best(study, tracker, goal, best)
-    if isinstance(goal, ParetoObjective):
-        _log_front(tracker, goal.front(study))
-    if plots:
-        publish_plots(study, tracker, goal)
-    tracker.close_parent("FAILED" if failed else "FINISHED")
-
-
-def _finish(
-    study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, goal: StudyObjective, stopped: tuple[int, str] | None
-) -> SearchResult:
-    counts = trial_states.counts(study)
-    best = goal.ranked(study)
-    lines = ["", summary_line(study.study_name, counts)]
-    if best:
-        lines += [f"best trials ({goal.describe()}):", summary_table(best, goal)]
-    if isinstance(goal, ParetoObjective):
-        front = goal.front(study)
-        lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, goal, len(front))]
-    code, message = 0, ""
-    trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
-    if not trained and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
-        code, message = EXIT_NO_FEASIBLE, _no_feasible_message(study, goal)
-    if stopped:
-        code, message = stopped
-    try:
-        _record_study(study, tracker, goal, bool(cfg.search.plots), failed=bool(code))
-    except TrackingError as exc:  # the study itself is safe in its storage: say so, once, and go on
-        unrecorded = f"the study's results are in {mask_url(str(cfg.study.storage))}, but {exc}"
-        code, message = (code, f"{message}; {unrecorded}") if code else (EXIT_TRACKING, unrecorded)
-    uri = mask_url(str(cfg.mlflow.tracking_uri))
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-    lines += [
-        "",
-        f"compare runs:  {ui}   (experiment '{cfg.mlflow.experiment or study.study_name}')",
-        f"retrain best:  {retrain_command(cfg, study.study_name)}",
-    ]
-    print("\n".join(lines), flush=True)
-    if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    return SearchResult(study, tracker, code, message)
 
 
 def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
@@ -278,7 +140,7 @@ def run_search(cfg: DictConfig) -> SearchResult:
         if stopped:
             print(f"error: {stopped[1]}", file=sys.stderr, flush=True)
         return SearchResult(study, tracker, stopped[0] if stopped else 0, stopped[1] if stopped else "")
-    return _finish(study, tracker, cfg, goal, stopped)
+    return finish(study, tracker, cfg, goal, stopped)
 
 
 class RunningTrialsWait:
@@ -419,7 +281,7 @@ def _run_workers(
                 f"rerun the same command to resume"
             ),
         )
-    return _finish(study, tracker, cfg, goal, stopped)
+    return finish(study, tracker, cfg, goal, stopped)
 
 
 def _interrupted(
