@@ -279,6 +279,13 @@ def _bad_space(tmp: Path, text: str) -> str:
     return f"+space={path}"
 
 
+def _sampler_file(tmp: Path) -> Path:
+    folder = tmp / "conf" / "search" / "sampler"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "typo.yaml").write_text("_target_: optuna.samplers.NoSuchSampler\n")
+    return tmp / "conf"
+
+
 BAD_INPUT = [
     ("no space", lambda t: [], "choose a search space with +space=NAME; available in search_spaces/: mbv3"),
     ("unknown space", lambda t: ["+space=nope"], "unknown search space 'nope'; available: mbv3, mbv3_224, mbv3_small"),
@@ -319,6 +326,11 @@ BAD_INPUT = [
         "missing data offline",
         lambda t: ["+space=mbv3", "data=cifar10", f"data.root={t}/none", "data.download=false"],
         "data set CIFAR-10 not found in",
+    ),
+    (
+        "sampler file that cannot be made",
+        lambda t: ["+space=mbv3", f"hydra.searchpath=[file://{_sampler_file(t)}]", "search/sampler=typo"],
+        "search.sampler: cannot create optuna.samplers.NoSuchSampler",
     ),
     (
         "bad sampler",

@@ -38,8 +38,18 @@ def model_flops(model: torch.nn.Module, resolution: int, batch_size: int = 1) ->
     return int(counter.get_total_flops())
 
 
+def _meta_model(arch: Arch, num_classes: int) -> torch.nn.Module:
+    with torch.device("meta"):
+        return build(arch, num_classes)
+
+
+def arch_params(arch: Arch, num_classes: int = 10) -> int:
+    """Parameters only, about 10 ms: for the many draws a latency budget refuses, where counting FLOPs
+    (a traced forward pass, about 120 ms) would cost more than the table's latency lookup."""
+    return count_params(_meta_model(arch, num_classes))
+
+
 def cost(arch: Arch, num_classes: int = 10, resolution: int | None = None) -> Cost:
     """Params and FLOPs of ``arch`` at ``resolution`` (default: the architecture's own)."""
-    with torch.device("meta"):
-        model = build(arch, num_classes)
+    model = _meta_model(arch, num_classes)
     return Cost(params=count_params(model), flops=model_flops(model, resolution or arch.resolution))

@@ -22,7 +22,7 @@ from nas.data import TensorImageDataModule
 from nas.data.sources import ImageSplits
 from nas.errors import NasError
 from nas.latency.estimator import LatencyEstimator
-from nas.models import cost
+from nas.models import arch_params, cost
 from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
 from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
@@ -184,17 +184,17 @@ class Objective:
             params["reference"] = reference
         return self.tracker.start_trial(trial.number, params, {"nas.reference": reference} if reference else {})
 
-    def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch) -> dict[str, float]:
-        """Params, FLOPs and latency, known before any training; the constraint goes to the sampler."""
-        c = cost(arch, self.num_classes)  # builds the network: an unbuildable one fails here, recorded
+    def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch) -> float:
+        """Latency and params, known before any training (the constraint goes to the sampler); cheap,
+        because most draws under a tight budget end right here."""
+        params = arch_params(arch, self.num_classes)  # builds the network: an unbuildable one fails here
         latency = self.estimator.latency_ms(arch)
-        outcome.latency_ms, outcome.params = latency, c.params
+        outcome.latency_ms, outcome.params = latency, params
         trial.set_user_attr("latency_ms", latency)
-        trial.set_user_attr("params", c.params)
-        trial.set_user_attr("flops", c.flops)
+        trial.set_user_attr("params", params)
         if self.goal.hard_budget:
             trial.set_constraint(CONSTRAINT_KEY, latency - float(self.goal.budget_ms))  # type: ignore[arg-type]
-        return {"latency_ms": latency, "params": c.params, "flops": c.flops}
+        return latency
 
     def _claim(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         """Stop before training when the study already has (or is training) all the networks it needs."""
@@ -210,17 +210,18 @@ class Objective:
     def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
         arch, cfg, reference = self._arch_and_cfg(trial)
         outcome.arch, outcome.reference = arch.encode(), reference
-        trial.set_user_attr("worker", worker_index(self.cfg))
         trial.set_user_attr("arch", outcome.arch)
-        measured = self._measure(trial, outcome, arch)
-        latency = measured["latency_ms"]
+        latency = self._measure(trial, outcome, arch)
         if self.goal.is_over_budget(latency):
             outcome.state = trial_states.OVER_BUDGET
             trial.set_user_attr("state", trial_states.OVER_BUDGET)
             return self.goal.over_budget_value(latency)
         self._claim(trial, outcome)
+        flops = cost(arch, self.num_classes).flops  # only for networks that train
+        trial.set_user_attr("flops", flops)
+        trial.set_user_attr("worker", worker_index(self.cfg))
         outcome.run_id = run_id = self._start_run(trial, outcome)
-        self.tracker.log_metrics(run_id, measured)
+        self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": outcome.params, "flops": flops})
         timer = Timer()
         reporter = ReportToPruner(trial, lambda acc: self.goal.score(acc, latency))
         epoch_log = EpochMetricsToMlflow(self.tracker.client, run_id)

@@ -25,6 +25,8 @@ from nas.search.objective import Objective, TrialFailed, free_trial_memory
 from nas.search.study import (
     check_search_cfg,
     enqueue_references,
+    make_pruner,
+    make_sampler,
     make_storage,
     open_study,
     study_identity,
@@ -94,6 +96,8 @@ def run_search(cfg: DictConfig) -> SearchResult:
     cfg = with_group_files(cfg)
     check_search_cfg(cfg)
     goal = objective_from_cfg(cfg)
+    make_sampler(cfg)  # a sampler or pruner file that cannot be made fails here, before any data is loaded
+    make_pruner(cfg, goal)
     check_train_cfg(cfg)
     space = require_space(cfg)
     hparams = resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts

@@ -47,7 +47,6 @@ def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
         "trial": [t.number for t in draws],
         "latency_ms": [t.user_attrs["latency_ms"] for t in draws],
         "params": [t.user_attrs["params"] for t in draws],
-        "flops": [t.user_attrs["flops"] for t in draws],
         "reference": [t.user_attrs.get("reference") or "" for t in draws],
         "arch": [t.user_attrs["arch"] for t in draws],
     }
