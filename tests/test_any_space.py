@@ -1,8 +1,9 @@
 """Any space a user may write, not only the shipped ones: sample, round-trip, build, train a step.
 
 Spaces are generated from everything the schema allows (kernels 3/5/7, fractional expansions,
-SE, both activations everywhere, 1-4 stages, tiny inputs down to 8 px), so a combination the
-shipped spaces never use (a ReLU head, a stride-2 stem at 8 px) is exercised too.
+SE, every activation everywhere, 1-4 stages, tiny inputs down to 8 px, with or without a head conv
+and a hidden classifier layer), so a combination the shipped spaces never use (a ReLU6 head without
+hidden layer, a stride-2 stem at 8 px) is exercised too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _one_or_more(elements: st.SearchStrategy) -> st.SearchStrategy:
     return st.lists(elements, min_size=1, max_size=3, unique=True).map(lambda v: v[0] if len(v) == 1 else v)
 
 
-ACT = _one_or_more(st.sampled_from(["relu", "hswish"]))
+ACT = _one_or_more(st.sampled_from(["relu", "relu6", "hswish"]))
 BLOCK = {
     "kernel": _one_or_more(st.sampled_from([3, 5, 7])),
     "expansion": _one_or_more(st.sampled_from([1, 2.3, 3, 4.5, 6])),
@@ -38,7 +39,13 @@ STAGE = st.fixed_dictionaries(
     },
     optional=BLOCK,  # a stage may override the shared block choices
 )
-SPACES = st.fixed_dictionaries(
+HEAD = st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96)), "activation": ACT})
+CLASSIFIER = st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96))})
+# MobileNetV3 (head + hidden layer), MobileNetV2 (head only), MobileNetV1 (neither).
+TAILS = st.one_of(
+    st.fixed_dictionaries({"head": HEAD, "classifier": CLASSIFIER}), st.fixed_dictionaries({"head": HEAD}), st.just({})
+)
+BODIES = st.fixed_dictionaries(
     {
         "resolution": _one_or_more(st.sampled_from([8, 12, 16])),
         "width": _one_or_more(st.sampled_from([0.25, 0.35, 0.5, 1.0])),
@@ -51,10 +58,9 @@ SPACES = st.fixed_dictionaries(
         ),
         "block": st.fixed_dictionaries(BLOCK),
         "stages": st.lists(STAGE, min_size=1, max_size=4),
-        "head": st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96)), "activation": ACT}),
-        "classifier": st.fixed_dictionaries({"channels": _one_or_more(st.integers(8, 96))}),
     }
 )
+SPACES = st.tuples(BODIES, TAILS).map(lambda parts: {**parts[0], **parts[1]})
 
 
 @settings(max_examples=40, deadline=None)

@@ -13,7 +13,7 @@ import torch
 from nas.latency.estimator import MeasuredLatency, TableLatency, measure_arch
 from nas.latency.measure import LatencySettings, measure_module
 from nas.latency.table import LatencyTable, arch_components, space_components, table_id
-from nas.space import decode, load_space, reference
+from nas.space import arch_from_text, decode, load_space, reference
 from tests.conftest import TINY_ARCH, subprocess_env
 
 FAST = LatencySettings(device="cpu", batch_size=1, threads=1, warmup=3, repeats=10)
@@ -66,6 +66,22 @@ def test_single_block_prediction_is_stem_plus_block_plus_head(tmp_path):
     assert table.calibration == pytest.approx((2.0, 0.5))
     assert TableLatency(table, 10).latency_ms(arch) == pytest.approx(2 * (stem + block + head) + 0.5)
     assert LatencyTable(FAST, tmp_path).calibration == pytest.approx((2.0, 0.5))  # persisted
+
+
+def test_v1_and_v2_layouts_are_tabled_and_predicted(tmp_path):
+    """Depthwise-separable blocks, a missing head conv (c0) and a missing hidden layer (f0) are table
+    entries of their own; the mbv2 space's table holds every layer of its MobileNetV2 reference."""
+    v1, v2 = (arch_from_text(f"reference:{name}", 32) for name in ("mobilenet_v1", "mobilenet_v2"))
+    comps1, comps2 = arch_components(v1, 10), arch_components(v2, 10)
+    assert [c.key.split("|")[0] for c in comps1] == ["stem", *["ds"] * 13, "head"]
+    assert "|i1024|c0|f0|None|" in comps1[-1].key
+    assert "|i320|c1280|f0|relu6|" in comps2[-1].key
+    table = LatencyTable(FAST, tmp_path)
+    table.ensure(comps1 + comps2)
+    for arch, comps in ((v1, comps1), (v2, comps2)):
+        assert table.predict(arch, 10) == pytest.approx(sum(table.entries[c.key] for c in comps))
+    space = load_space("mbv2")
+    assert {c.key for c in comps2} <= {c.key for c in space_components(space, 10)}
 
 
 def test_a_calibrated_prediction_never_drops_to_zero_or_below(tmp_path):

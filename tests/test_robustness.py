@@ -287,8 +287,12 @@ def _sampler_file(tmp: Path) -> Path:
 
 
 BAD_INPUT = [
-    ("no space", lambda t: [], "choose a search space with +space=NAME; available in search_spaces/: mbv3"),
-    ("unknown space", lambda t: ["+space=nope"], "unknown search space 'nope'; available: mbv3, mbv3_224, mbv3_small"),
+    ("no space", lambda t: [], "choose a search space with +space=NAME; available in search_spaces/: mbv2, mbv3"),
+    (
+        "unknown space",
+        lambda t: ["+space=nope"],
+        "unknown search space 'nope'; available: mbv2, mbv3, mbv3_224, mbv3_small",
+    ),
     ("malformed YAML", lambda t: [_bad_space(t, "width: [0.5\nstem: {")], "bad.yaml: malformed YAML (line"),
     (
         "kernel 4",
@@ -303,7 +307,7 @@ BAD_INPUT = [
     (
         "unknown activation",
         lambda t: [_bad_space(t, TINY_SPACE.replace("[relu, hswish]", "[relu, gelu]"))],
-        "bad.yaml: block.activation: 'gelu' is not allowed; expected one of relu, hswish",
+        "bad.yaml: block.activation: 'gelu' is not allowed; expected one of relu, relu6, hswish",
     ),
     ("trials=-1", lambda t: ["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
     ("trials=abc", lambda t: ["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
@@ -361,7 +365,7 @@ def test_bad_input_is_one_clear_line(in_tmp, capsys, case, args, message):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "error: choose a search space with +space=NAME; available in search_spaces/: mbv3"),
+        ([], "error: choose a search space with +space=NAME; available in search_spaces/: mbv2, mbv3"),
         (
             ["+space=mbv3", "study.storage=postgresql://nas:s3cret@127.0.0.1:9/optuna"],
             "error: cannot open the study storage postgresql://nas:***@127.0.0.1:9/optuna",

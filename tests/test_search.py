@@ -233,6 +233,27 @@ def test_references_run_first_as_yardsticks(in_tmp, tmp_path, tiny_space):
     assert run.data.tags["nas.reference"] == "mobilenet_v3_small"
 
 
+def test_a_mobilenet_v2_style_space_searches_with_its_reference(in_tmp, tmp_path):
+    """ReLU6, no SE, a head conv without hidden classifier layer, MobileNetV2 as yardstick (the layout
+    of the shipped mbv2 space, at 16 px and two stages so it runs in seconds)."""
+    space = tmp_path / "spaces" / "v2tiny.yaml"
+    space.parent.mkdir()
+    space.write_text(
+        "resolution: 16\nwidth: [0.25, 0.5]\nstem: {channels: 32, stride: 1, activation: relu6}\n"
+        "block: {kernel: [3, 5, 7], expansion: [3, 6], se: false, activation: relu6}\n"
+        "stages:\n  - {channels: 16, stride: 2, depth: [1, 2]}\n  - {channels: 24, stride: 2, depth: [1, 2]}\n"
+        "head: {channels: 64, activation: relu6}\n"
+        "references:\n  - {name: mobilenet_v2, stem_stride: 1, first_stride2_as_1: 1}\n"
+    )
+    result = run_search(cfg_for(space, "trials=2"))
+    reference, searched = result.study.trials[:2]
+    assert reference.user_attrs["reference"] == "mobilenet_v2"
+    assert reference.user_attrs["arch"] == load_space(space).reference_archs()["mobilenet_v2"].encode()
+    assert reference.user_attrs["arch"].endswith("-k3_e6_c320_s1_r6-head_c1280_r6")
+    assert searched.user_attrs["arch"].endswith("-head_c64_r6")  # sampled: ReLU6 head, no fc segment
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value > 0 for t in (reference, searched))
+
+
 def test_mask_url_hides_passwords():
     assert mask_url("postgresql://nas:s3cret@db:5432/optuna") == "postgresql://nas:***@db:5432/optuna"
     assert mask_url("sqlite:///outputs/optuna.db") == "sqlite:///outputs/optuna.db"

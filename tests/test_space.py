@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nas.channels import make_divisible
+from nas.models import build
 from nas.space import ArchFormatError, SpaceError, decode, list_spaces, load_space, reference
 from nas.space.arch import Arch, BlockSpec
 
-SHIPPED = ["mbv3", "mbv3_small", "mbv3_224"]
+SHIPPED = ["mbv2", "mbv3", "mbv3_small", "mbv3_224"]
 MBV3 = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "mbv3.yaml").read_text())
 
 
@@ -102,9 +105,32 @@ def test_malformed_space_names_file_key_and_allowed(tmp_path, spec, key, phrase)
 
 
 def test_missing_required_key(tmp_path):
-    spec = {k: v for k, v in MBV3.items() if k != "head"}
-    with pytest.raises(SpaceError, match=r"custom.yaml: head: missing required key"):
+    spec = {k: v for k, v in MBV3.items() if k != "stem"}
+    with pytest.raises(SpaceError, match=r"custom.yaml: stem: missing required key"):
         load_space(_write(tmp_path, spec))
+
+
+def test_hidden_classifier_layer_without_head_is_refused(tmp_path):
+    spec = {k: v for k, v in MBV3.items() if k != "head"}
+    with pytest.raises(SpaceError, match=r"custom.yaml: classifier: a hidden classifier layer needs a head conv"):
+        load_space(_write(tmp_path, spec))
+
+
+def test_head_and_classifier_sections_are_optional(tmp_path):
+    """No classifier section: one linear layer on the head (MobileNetV2); no head either: the last block
+    is pooled (MobileNetV1). The encoding leaves the segments out and the builder the layers."""
+    no_fc = load_space(_write(tmp_path, {k: v for k, v in MBV3.items() if k != "classifier"}, "no_fc.yaml"))
+    bare = load_space(_write(tmp_path, {k: v for k, v in MBV3.items() if k not in ("head", "classifier")}, "bare.yaml"))
+    for space, head, segments in ((no_fc, 960, ("head_c",)), (bare, None, ())):
+        arch = space.sample(1)
+        text = arch.encode()
+        assert arch.head_channels == head and arch.classifier_channels is None
+        assert "fc_c" not in text and ("head_c" in text) == bool(segments)
+        assert decode(text) == arch
+        model = build(arch, num_classes=10)
+        linears = [m for m in model.classifier.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 1
+        assert linears[0].in_features == (make_divisible(960 * arch.width) if head else model.features[-1].out_channels)
 
 
 def test_stage_without_block_choice_and_no_default(tmp_path):
@@ -169,6 +195,11 @@ def test_extremes_bound_the_space():
         ("nas1-r32-w1-stem_c16_s1_hs-k4_e1_c16_s1_re-head_c960_hs-fc_c1280", "kernel 4"),
         ("nas1-r32-w1-stem_c16_s1_hs-k3_e1_c16_s1_xx-head_c960_hs-fc_c1280", "block segment 'k3_e1_c16_s1_xx'"),
         ("nas1-r32-w1-stem_c16_s1_hs-head_c960_hs-fc_c1280", "at least one block"),
+        ("nas1-r32-w1-stem_c32_s1_r6-ds_k3_e6_c64_s1_r6", "block segment 'ds_k3_e6_c64_s1_r6'"),
+        ("nas1-r32-w1-stem_c32_s1_r6-ds_k4_c64_s1_r6", "kernel 4"),
+        ("nas1-r32-w1-stem_c32_s1_r6-ds_k3_c64_s1_r6-fc_c1280", "without a head conv"),
+        ("nas1-r32-w1-stem_c32_s1_r6-k3_e1_c16_s1_r7-head_c1280_r6", "block segment 'k3_e1_c16_s1_r7'"),
+        ("nas1-r32-w1-stem_c32_s1_r6-head_c1280_r6", "at least one block"),
     ],
 )
 def test_decode_rejects_malformed_strings(text, phrase):
@@ -197,3 +228,70 @@ def test_block_spec_validates():
         BlockSpec(kernel=4, expansion=3, out_channels=16, stride=1, activation="relu", se=False)
     with pytest.raises(ValueError, match="at least one block"):
         Arch(32, 1.0, 16, 1, "hswish", (), 960, "hswish", 1280)
+
+
+_ACTS = st.sampled_from(["relu", "relu6", "hswish"])
+_IR_BLOCKS = st.builds(
+    BlockSpec,
+    kernel=st.sampled_from([3, 5, 7]),
+    expansion=st.sampled_from([1, 2.3, 2.5, 3, 3.67, 4.5, 6]),
+    out_channels=st.integers(1, 2048),
+    stride=st.sampled_from([1, 2]),
+    activation=_ACTS,
+    se=st.booleans(),
+)
+_DS_BLOCKS = st.builds(
+    BlockSpec,
+    kernel=st.sampled_from([3, 5, 7]),
+    expansion=st.just(1),
+    out_channels=st.integers(1, 2048),
+    stride=st.sampled_from([1, 2]),
+    activation=_ACTS,
+    se=st.booleans(),
+    kind=st.just("ds"),
+)
+# (head channels, head activation, hidden layer): V3 (both), V2 (head only), V1 (neither).
+_TAILS = st.one_of(
+    st.tuples(st.integers(1, 4096), _ACTS, st.integers(1, 4096)),
+    st.tuples(st.integers(1, 4096), _ACTS, st.none()),
+    st.just((None, None, None)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    resolution=st.integers(1, 1024),
+    width=st.sampled_from([0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 2.0]),
+    stem=st.tuples(st.integers(1, 256), st.sampled_from([1, 2]), _ACTS),
+    blocks=st.lists(st.one_of(_IR_BLOCKS, _DS_BLOCKS), min_size=1, max_size=8),
+    tail=_TAILS,
+)
+def test_every_architecture_round_trips(resolution, width, stem, blocks, tail):
+    """Both block kinds, every activation, with and without head conv and hidden layer."""
+    arch = Arch(resolution, width, *stem, tuple(blocks), *tail)
+    text = arch.encode()
+    assert decode(text) == arch
+    assert decode(text).encode() == text
+    assert all(c.isalnum() or c in "._-" for c in text)
+    assert text.count("ds_") == sum(b.kind == "ds" for b in blocks)
+
+
+def test_strings_written_before_v1_and_v2_blocks_decode_unchanged():
+    """A string the encoding wrote before block kinds, ReLU6 and optional segments existed (MobileNetV3-Small
+    as the quick start printed it) still decodes to the same network."""
+    old = (
+        "nas1-r224-w1-stem_c16_s2_hs-k3_e1_c16_s2_re_se-k3_e4.5_c24_s2_re-k3_e3.67_c24_s1_re-k5_e4_c40_s2_hs_se"
+        "-k5_e6_c40_s1_hs_se-k5_e6_c40_s1_hs_se-k5_e3_c48_s1_hs_se-k5_e3_c48_s1_hs_se-k5_e6_c96_s2_hs_se"
+        "-k5_e6_c96_s1_hs_se-k5_e6_c96_s1_hs_se-head_c576_hs-fc_c1024"
+    )
+    arch = decode(old)
+    assert arch == reference("mobilenet_v3_small")
+    assert arch.encode() == old
+    assert all(b.kind == "ir" for b in arch.blocks)
+
+
+def test_depthwise_separable_blocks_have_no_expansion():
+    with pytest.raises(ValueError, match="no expansion"):
+        BlockSpec(kernel=3, expansion=6, out_channels=64, stride=1, activation="relu6", se=False, kind="ds")
+    with pytest.raises(ValueError, match="block kind 'mb'"):
+        BlockSpec(kernel=3, expansion=1, out_channels=64, stride=1, activation="relu6", se=False, kind="mb")

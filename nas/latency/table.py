@@ -19,9 +19,17 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from nas.channels import make_divisible
 from nas.latency.measure import LatencySettings, measure_module
-from nas.models.blocks import batch_norm, make_divisible
-from nas.models.builder import ResolvedBlock, make_block, make_classifier, make_head_conv, make_stem, resolve_blocks
+from nas.models.blocks import ResolvedBlock, batch_norm
+from nas.models.builder import (
+    head_out_channels,
+    make_block,
+    make_classifier,
+    make_head_conv,
+    make_stem,
+    resolve_blocks,
+)
 from nas.space import Arch, BlockSpec, Space
 
 FLOOR = 0.1  # a calibrated prediction is at least this fraction of the summed layer latencies
@@ -48,20 +56,22 @@ def _stem(arch: Arch) -> Component:
 
 def _block(b: ResolvedBlock, size: int) -> Component:
     key = (
-        f"ir|i{b.in_channels}|e{b.expanded_channels}|o{b.out_channels}|k{b.kernel}|s{b.stride}"
+        f"{b.kind}|i{b.in_channels}|e{b.expanded_channels}|o{b.out_channels}|k{b.kernel}|s{b.stride}"
         f"|{b.activation}|se{int(b.se)}|h{size}"
     )
     return Component(key, lambda: make_block(b, batch_norm(0.1)), (b.in_channels, size, size))
 
 
 def _head(arch: Arch, in_channels: int, size: int, num_classes: int) -> Component:
-    head = make_divisible(arch.head_channels * arch.width)
-    hidden = make_divisible(arch.classifier_channels * arch.width)
+    """Head conv, pooling and classifier; ``c0`` / ``f0`` in the key: no head conv / no hidden layer."""
+    head = 0 if arch.head_channels is None else head_out_channels(arch, in_channels)
+    hidden = 0 if arch.classifier_channels is None else make_divisible(arch.classifier_channels * arch.width)
     key = f"head|i{in_channels}|c{head}|f{hidden}|{arch.head_activation}|n{num_classes}|h{size}"
 
     def make() -> nn.Module:
         conv = make_head_conv(arch, in_channels, batch_norm(0.1))
-        return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), make_classifier(arch, num_classes, 0.0))
+        classifier = make_classifier(arch, head_out_channels(arch, in_channels), num_classes, 0.0)
+        return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), classifier)
 
     return Component(key, make, (in_channels, size, size))
 

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from nas.models.blocks import ACTIVATION_LAYERS, InvertedResidual, batch_norm, make_divisible
+from nas.channels import make_divisible
+from nas.models.blocks import ACTIVATION_LAYERS, DepthwiseSeparable, InvertedResidual, ResolvedBlock, batch_norm
 from nas.space.arch import Arch
-
-
-@dataclass(frozen=True)
-class ResolvedBlock:
-    """A block with its actual (width-scaled, rounded) channel counts: what the layers get."""
-
-    in_channels: int
-    expanded_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    activation: str
-    se: bool
 
 
 def resolve_blocks(arch: Arch) -> list[ResolvedBlock]:
@@ -41,6 +28,7 @@ def resolve_blocks(arch: Arch) -> list[ResolvedBlock]:
                 stride=b.stride,
                 activation=b.activation,
                 se=b.se,
+                kind=b.kind,
             )
         )
         base_in = b.out_channels
@@ -58,27 +46,42 @@ def make_stem(arch: Arch, norm: Callable[..., nn.Module]) -> nn.Module:
     )
 
 
-def make_block(b: ResolvedBlock, norm: Callable[..., nn.Module]) -> InvertedResidual:
-    return InvertedResidual(
-        b.in_channels, b.expanded_channels, b.out_channels, b.kernel, b.stride, b.activation, b.se, norm
-    )
+BLOCKS: dict[str, Callable[[ResolvedBlock, Callable[..., nn.Module]], nn.Module]] = {
+    "ir": InvertedResidual,
+    "ds": DepthwiseSeparable,
+}
+
+
+def make_block(b: ResolvedBlock, norm: Callable[..., nn.Module]) -> nn.Module:
+    return BLOCKS[b.kind](b, norm)
+
+
+def head_out_channels(arch: Arch, in_channels: int) -> int:
+    """What the classifier sees: the head conv's channels, or the last block's where there is no head."""
+    return in_channels if arch.head_channels is None else make_divisible(arch.head_channels * arch.width)
 
 
 def make_head_conv(arch: Arch, in_channels: int, norm: Callable[..., nn.Module]) -> nn.Module:
+    """The 1x1 conv after the last block; an identity for networks without one (MobileNetV1)."""
+    if arch.head_channels is None or arch.head_activation is None:
+        return nn.Identity()
     return Conv2dNormActivation(
         in_channels,
-        make_divisible(arch.head_channels * arch.width),
+        head_out_channels(arch, in_channels),
         kernel_size=1,
         norm_layer=norm,
         activation_layer=ACTIVATION_LAYERS[arch.head_activation],
     )
 
 
-def make_classifier(arch: Arch, num_classes: int, dropout: float) -> nn.Sequential:
-    head_out = make_divisible(arch.head_channels * arch.width)
+def make_classifier(arch: Arch, in_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Linear layers on the pooled features: one (MobileNetV1/V2, names as torchvision's V2), or a hidden
+    layer with the head's activation first (MobileNetV3, names as torchvision's V3)."""
+    if arch.classifier_channels is None or arch.head_activation is None:
+        return nn.Sequential(nn.Dropout(p=dropout), nn.Linear(in_channels, num_classes))
     hidden = make_divisible(arch.classifier_channels * arch.width)
     return nn.Sequential(
-        nn.Linear(head_out, hidden),
+        nn.Linear(in_channels, hidden),
         ACTIVATION_LAYERS[arch.head_activation](inplace=True),
         # Not in place (torchvision's is): ReLU's backward needs its output, which an in-place
         # dropout would overwrite; the tensor is one vector per image, so the copy costs nothing.
@@ -102,10 +105,11 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class MobileNetV3Net(nn.Module):
-    """Stem, inverted-residual blocks, 1x1 head conv, global pooling, classifier (no BN).
+class MobileNet(nn.Module):
+    """Stem, blocks, 1x1 head conv (if any), global pooling, classifier (no BN).
 
-    Module names follow torchvision's (``features.N``, ``classifier``), so its weights load.
+    Module names follow torchvision's MobileNetV3 (``features.N``, ``classifier``), so its weights load.
+    A network without a head conv has no ``features`` entry for it.
     """
 
     def __init__(self, arch: Arch, num_classes: int, dropout: float = 0.2, bn_momentum: float = 0.01) -> None:
@@ -113,10 +117,11 @@ class MobileNetV3Net(nn.Module):
         norm = batch_norm(bn_momentum)
         blocks = resolve_blocks(arch)
         layers = [make_stem(arch, norm), *(make_block(b, norm) for b in blocks)]
-        layers.append(make_head_conv(arch, blocks[-1].out_channels, norm))
+        if arch.head_channels is not None:
+            layers.append(make_head_conv(arch, blocks[-1].out_channels, norm))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = make_classifier(arch, num_classes, dropout)
+        self.classifier = make_classifier(arch, head_out_channels(arch, blocks[-1].out_channels), num_classes, dropout)
         self.arch = arch
         init_weights(self)
 
@@ -125,8 +130,12 @@ class MobileNetV3Net(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+# Registered models logged before the rename are pickles that name this class.
+MobileNetV3Net = MobileNet
+
+
 def build(arch: Arch, num_classes: int, dropout: float = 0.2, bn_momentum: float = 0.01) -> nn.Module:
-    """Build the network described by ``arch`` (MobileNetV3 semantics, torchvision layer names)."""
+    """Build the network described by ``arch`` (MobileNet semantics, torchvision layer names)."""
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return MobileNetV3Net(arch, num_classes, dropout=dropout, bn_momentum=bn_momentum)
+    return MobileNet(arch, num_classes, dropout=dropout, bn_momentum=bn_momentum)

@@ -10,6 +10,14 @@ Encoding (format version 1), segments joined by ``-``, fields by ``_``::
 
     nas1-r32-w0.75-stem_c16_s1_hs-k3_e1_c16_s1_re-k5_e3_c40_s2_hs_se-head_c960_hs-fc_c1280
 
+Two block kinds: the inverted residual (``k5_e3_c40_s2_hs_se``: MobileNetV2/V3)
+and the depthwise-separable block of MobileNetV1 (``ds_k3_c64_s1_r6``: an
+activation after the pointwise conv, no residual). The ``head`` (1x1 conv) and
+``fc`` (hidden classifier layer) segments are optional: MobileNetV2 has a head
+but feeds the classifier directly, MobileNetV1 has neither. Activations:
+``re`` ReLU, ``r6`` ReLU6, ``hs`` h-swish. Strings written before these were
+added decode to the same networks.
+
 Only letters, digits, ``.``, ``_`` and ``-`` are used, so the string needs no
 quoting in a shell or a Hydra override.
 """
@@ -22,11 +30,12 @@ from dataclasses import dataclass, field
 from nas.errors import NasError
 
 FORMAT_VERSION = 1
-ACTIVATIONS = ("relu", "hswish")
+ACTIVATIONS = ("relu", "relu6", "hswish")
 KERNELS = (3, 5, 7)
 STRIDES = (1, 2)
+BLOCK_KINDS = ("ir", "ds")  # inverted residual (V2/V3); depthwise separable with pointwise activation (V1)
 
-_ACT_CODE = {"relu": "re", "hswish": "hs"}
+_ACT_CODE = {"relu": "re", "relu6": "r6", "hswish": "hs"}
 _CODE_ACT = {v: k for k, v in _ACT_CODE.items()}
 
 
@@ -41,7 +50,9 @@ def _fmt_num(x: float) -> str:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One inverted-residual block: 1x1 expand, kxk depthwise, optional SE, 1x1 linear project."""
+    """One block. ``ir``: 1x1 expand, kxk depthwise, optional SE, 1x1 linear project, residual when
+    shapes allow. ``ds`` (MobileNetV1): kxk depthwise, optional SE, 1x1 pointwise with activation, no
+    residual and no expansion."""
 
     kernel: int
     expansion: float
@@ -49,9 +60,14 @@ class BlockSpec:
     stride: int
     activation: str
     se: bool
+    kind: str = "ir"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expansion", float(self.expansion))
+        if self.kind not in BLOCK_KINDS:
+            raise ValueError(f"block kind {self.kind!r} not in {BLOCK_KINDS}")
+        if self.kind == "ds" and self.expansion != 1:
+            raise ValueError(f"a depthwise-separable (ds) block has no expansion; got {self.expansion}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel {self.kernel} not in {KERNELS}")
         if self.expansion < 1:
@@ -64,16 +80,19 @@ class BlockSpec:
             raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
 
     def encode(self) -> str:
-        token = (
-            f"k{self.kernel}_e{_fmt_num(self.expansion)}_c{self.out_channels}"
-            f"_s{self.stride}_{_ACT_CODE[self.activation]}"
-        )
+        shape = f"ds_k{self.kernel}" if self.kind == "ds" else f"k{self.kernel}_e{_fmt_num(self.expansion)}"
+        token = f"{shape}_c{self.out_channels}_s{self.stride}_{_ACT_CODE[self.activation]}"
         return token + ("_se" if self.se else "")
 
 
 @dataclass(frozen=True)
 class Arch:
-    """A complete MobileNetV3-style network description."""
+    """A complete MobileNet-style network description.
+
+    ``head_channels`` is the 1x1 conv after the last block (None: pool the last block's output, as
+    MobileNetV1); ``classifier_channels`` the hidden layer before the class scores (None: a single
+    linear layer, as MobileNetV1/V2). A hidden layer needs a head: it takes the head's activation.
+    """
 
     resolution: int
     width: float
@@ -81,9 +100,9 @@ class Arch:
     stem_stride: int
     stem_activation: str
     blocks: tuple[BlockSpec, ...]
-    head_channels: int
-    head_activation: str
-    classifier_channels: int
+    head_channels: int | None
+    head_activation: str | None
+    classifier_channels: int | None
     # Not part of identity: the space a sample came from, for messages only.
     source: str | None = field(default=None, compare=False, repr=False)
 
@@ -95,13 +114,18 @@ class Arch:
         if self.resolution <= 0 or self.width <= 0:
             raise ValueError("resolution and width must be positive")
         for name in ("stem_channels", "head_channels", "classifier_channels"):
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.stem_stride not in STRIDES:
             raise ValueError(f"stem stride {self.stem_stride} not in {STRIDES}")
-        for act in (self.stem_activation, self.head_activation):
-            if act not in ACTIVATIONS:
-                raise ValueError(f"activation {act!r} not in {ACTIVATIONS}")
+        if self.head_channels is None:
+            if self.head_activation is not None or self.classifier_channels is not None:
+                raise ValueError("without a head conv there is neither a head activation nor a hidden classifier layer")
+        elif self.head_activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.head_activation!r} not in {ACTIVATIONS}")
+        if self.stem_activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.stem_activation!r} not in {ACTIVATIONS}")
 
     def encode(self) -> str:
         """The canonical, versioned text form; ``decode(a.encode()) == a``."""
@@ -111,9 +135,11 @@ class Arch:
             f"w{_fmt_num(self.width)}",
             f"stem_c{self.stem_channels}_s{self.stem_stride}_{_ACT_CODE[self.stem_activation]}",
             *(b.encode() for b in self.blocks),
-            f"head_c{self.head_channels}_{_ACT_CODE[self.head_activation]}",
-            f"fc_c{self.classifier_channels}",
         ]
+        if self.head_channels is not None:
+            parts.append(f"head_c{self.head_channels}_{_ACT_CODE[self.head_activation]}")
+        if self.classifier_channels is not None:
+            parts.append(f"fc_c{self.classifier_channels}")
         return "-".join(parts)
 
     def __str__(self) -> str:
@@ -121,9 +147,11 @@ class Arch:
 
 
 _NUM = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
-_BLOCK_RE = re.compile(rf"k(\d+)_e{_NUM}_c(\d+)_s(\d+)_(re|hs)(_se)?")
-_STEM_RE = re.compile(r"stem_c(\d+)_s(\d+)_(re|hs)")
-_HEAD_RE = re.compile(r"head_c(\d+)_(re|hs)")
+_ACT = "(" + "|".join(_CODE_ACT) + ")"
+_BLOCK_RE = re.compile(rf"k(\d+)_e{_NUM}_c(\d+)_s(\d+)_{_ACT}(_se)?")
+_DS_BLOCK_RE = re.compile(rf"ds_k(\d+)_c(\d+)_s(\d+)_{_ACT}(_se)?")
+_STEM_RE = re.compile(rf"stem_c(\d+)_s(\d+)_{_ACT}")
+_HEAD_RE = re.compile(rf"head_c(\d+)_{_ACT}")
 _FC_RE = re.compile(r"fc_c(\d+)")
 _RES_RE = re.compile(r"r(\d+)")
 _WIDTH_RE = re.compile(rf"w{_NUM}")
@@ -140,11 +168,7 @@ def _match(pattern: re.Pattern[str], token: str, what: str, text: str) -> re.Mat
     return m
 
 
-def decode(text: str) -> Arch:
-    """Parse an encoded architecture string (any supported format version)."""
-    text = text.strip()
-    segments = text.split("-")
-    version = segments[0]
+def _check_version(text: str, version: str) -> None:
     if not version.startswith("nas"):
         raise ArchFormatError(
             f"cannot decode architecture {text!r}: it must start with a format version "
@@ -155,20 +179,32 @@ def decode(text: str) -> Arch:
             f"cannot decode architecture {text!r}: format {version!r} is not supported by this "
             f"version of nas (supported: nas{FORMAT_VERSION})"
         )
-    if len(segments) < 7:
+
+
+def _decode_block(token: str, text: str) -> BlockSpec:
+    if token.startswith("ds_"):
+        m = _match(_DS_BLOCK_RE, token, "block", text)
+        return BlockSpec(int(m[1]), 1, int(m[2]), int(m[3]), _CODE_ACT[m[4]], m[5] is not None, kind="ds")
+    m = _match(_BLOCK_RE, token, "block", text)
+    return BlockSpec(int(m[1]), float(m[2]), int(m[3]), int(m[4]), _CODE_ACT[m[5]], m[6] is not None)
+
+
+def decode(text: str) -> Arch:
+    """Parse an encoded architecture string (any supported format version)."""
+    text = text.strip()
+    segments = text.split("-")
+    _check_version(text, segments[0])
+    body = segments[4:]
+    fc = _match(_FC_RE, body.pop(), "fc", text) if body and body[-1].startswith("fc") else None
+    head = _match(_HEAD_RE, body.pop(), "head", text) if body and body[-1].startswith("head") else None
+    if len(segments) < 4 or not body:
         raise ArchFormatError(
             f"cannot decode architecture {text!r}: expected version, resolution, width, stem, "
-            f"at least one block, head and fc segments (e.g. {_EXAMPLE!r})"
+            f"at least one block, then optional head and fc segments (e.g. {_EXAMPLE!r})"
         )
     res = _match(_RES_RE, segments[1], "resolution", text)
     width = _match(_WIDTH_RE, segments[2], "width", text)
     stem = _match(_STEM_RE, segments[3], "stem", text)
-    head = _match(_HEAD_RE, segments[-2], "head", text)
-    fc = _match(_FC_RE, segments[-1], "fc", text)
-    blocks = []
-    for token in segments[4:-2]:
-        m = _match(_BLOCK_RE, token, "block", text)
-        blocks.append((int(m[1]), float(m[2]), int(m[3]), int(m[4]), _CODE_ACT[m[5]], m[6] is not None))
     try:
         return Arch(
             resolution=int(res[1]),
@@ -176,13 +212,10 @@ def decode(text: str) -> Arch:
             stem_channels=int(stem[1]),
             stem_stride=int(stem[2]),
             stem_activation=_CODE_ACT[stem[3]],
-            blocks=tuple(
-                BlockSpec(kernel=k, expansion=e, out_channels=c, stride=s, activation=a, se=se)
-                for k, e, c, s, a, se in blocks
-            ),
-            head_channels=int(head[1]),
-            head_activation=_CODE_ACT[head[2]],
-            classifier_channels=int(fc[1]),
+            blocks=tuple(_decode_block(token, text) for token in body),
+            head_channels=int(head[1]) if head else None,
+            head_activation=_CODE_ACT[head[2]] if head else None,
+            classifier_channels=int(fc[1]) if fc else None,
         )
     except ValueError as exc:
         raise ArchFormatError(f"cannot decode architecture {text!r}: {exc}") from None

@@ -85,7 +85,7 @@ def sample(space: Space, source: Any) -> Arch:
     return build_arch(space, _chooser(source))
 
 
-_ORDER = {"relu": 0, "hswish": 1, False: 0, True: 1}
+_ORDER = {"relu": 0, "relu6": 1, "hswish": 2, False: 0, True: 1}
 
 
 def _rank(value: Any) -> float:
@@ -96,7 +96,7 @@ def extreme(space: Space, which: str = "min") -> Arch:
     """The cheapest (``min``) or costliest (``max``) network the space allows.
 
     Picks the smallest/largest value of every numeric dimension, SE off/on and
-    ReLU/h-swish; used to tell up front whether a latency budget is reachable.
+    ReLU/ReLU6/h-swish; used to tell up front whether a latency budget is reachable.
     Strides pick the opposite way (stride 2 is the cheaper).
     """
     if which not in ("min", "max"):
@@ -112,7 +112,7 @@ def extreme(space: Space, which: str = "min") -> Arch:
 
 
 def reference_archs(space: Space) -> dict[str, Arch]:
-    """The space's yardsticks (torchvision networks adapted to its resolution), by name."""
+    """The space's yardsticks (hand-designed networks adapted to its resolution), by name."""
     return {
         ref.name: reference(
             ref.name,

@@ -56,7 +56,8 @@ _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "classifier": ("channels",),
 }
 _TOP_KEYS = ("description", "resolution", "width", "stem", "block", "stages", "head", "classifier", "references")
-_REQUIRED_TOP = ("resolution", "width", "stem", "stages", "head", "classifier")
+# No head: pool the last block (MobileNetV1); no classifier: one linear layer on the head (MobileNetV2).
+_REQUIRED_TOP = ("resolution", "width", "stem", "stages")
 _REFERENCE_KEYS = ("name", "stem_stride", "first_stride2_as_1")
 
 
@@ -206,8 +207,12 @@ class _Loader:
                 raise self.fail(k, f"missing required key (a space needs {', '.join(_REQUIRED_TOP)})")
         stem = self.section(top, "stem", ("channels",))
         block_defaults = self.section(top, "block", ()) if "block" in top else {}
-        head = self.section(top, "head", ("channels",))
-        classifier = self.section(top, "classifier", ("channels",))
+        head = self.section(top, "head", ("channels",)) if "head" in top else {}
+        classifier = self.section(top, "classifier", ("channels",)) if "classifier" in top else {}
+        if classifier and not head:
+            raise self.fail(
+                "classifier", "a hidden classifier layer needs a head conv: add a 'head' section or drop this one"
+            )
         stages_raw = top["stages"]
         if not isinstance(stages_raw, list) or not stages_raw:
             raise self.fail("stages", "expected a non-empty list of stages")
@@ -224,9 +229,9 @@ class _Loader:
             stem_stride=stem.get("stride", (2,)),
             stem_activation=stem.get("activation", ("hswish",)),
             stages=tuple(self.stage(s, i, block_defaults) for i, s in enumerate(stages_raw)),
-            head_channels=head["channels"],
-            head_activation=head.get("activation", ("hswish",)),
-            classifier_channels=classifier["channels"],
+            head_channels=head.get("channels", (None,)),
+            head_activation=head.get("activation", ("hswish",)) if head else (None,),
+            classifier_channels=classifier.get("channels", (None,)),
             references=self.references(top.get("references")),
         )
 
