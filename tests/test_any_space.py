@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from nas.latency.table import arch_components, space_components
 from nas.models import build, cost, count_params
@@ -71,8 +72,15 @@ def test_any_valid_space_samples_networks_that_round_trip_build_and_train(raw, s
     text = arch.encode()
     assert decode(text) == arch and decode(text).encode() == text
     model = build(decode(text), 10, dropout=0.3).train()
-    assert count_params(model) == count_params(build(arch, 10)) == cost(arch, 10).params
     r = arch.resolution
+    # What the search reports before training (counted on the meta device, never allocated) is the
+    # network it then trains: parameters, and FLOPs of a real forward pass at the arch's resolution.
+    before = cost(arch, 10)
+    assert before.params == count_params(model)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model.eval()(torch.randn(1, 3, r, r))
+    assert before.flops == flops.get_total_flops()
+    model.train()
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, r, r)), torch.tensor([1, 7]))
     loss.backward()
     assert torch.isfinite(loss)

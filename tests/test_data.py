@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -150,6 +151,12 @@ def test_imagefolder_single_folder_layout_and_cache(tmp_path):
     resized = imagefolder(tmp_path / "imgs", image_size=8, cache_dir=cache)
     assert resized.train_x.shape == (6, 3, 8, 8)
     assert len(list(cache.glob("*.pt"))) == 2
+    # A file replaced in the folder: the cache is not used, the new pixels are read.
+    time.sleep(0.01)  # a later modification time even on coarse clocks
+    changed = torch.zeros(3, 12, 12, dtype=torch.uint8)
+    to_pil_image(changed).save(tmp_path / "imgs" / "dog" / "1.png")
+    fresh = imagefolder(tmp_path / "imgs", cache_dir=cache)
+    assert torch.equal(fresh.train_x[4], changed) and torch.equal(fresh.train_x[:4], s.train_x[:4])
     with pytest.raises(DataError, match="does not exist"):
         imagefolder(tmp_path / "missing", cache_dir=cache)
 

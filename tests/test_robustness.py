@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
-from tests.conftest import FAST, TINY_SPACE, compose_cfg, mlflow_server, subprocess_env
+from tests.conftest import FAST, TINY_SPACE, compose_cfg, mlflow_server, subprocess_env, write_image_folder
 
 
 def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:
@@ -180,24 +181,22 @@ def test_oom_and_nan_trials_are_recorded_and_the_search_goes_on(in_tmp, tiny_spa
     assert "non-finite" in runs["2"].data.tags["nas.fail_reason"]
 
 
-def test_unbuildable_architecture_is_recorded_and_the_search_goes_on(in_tmp, tiny_space, monkeypatch):
-    import nas.search.objective as objective
-
-    real_cost, calls = objective.cost, []
-
-    def cost(arch, num_classes):
-        calls.append(arch)
-        if len(calls) == 1:
-            raise RuntimeError("Given input size: (64x1x1). Calculated output size: (64x0x0). Output size is too small")
-        return real_cost(arch, num_classes)
-
-    monkeypatch.setattr(objective, "cost", cost)
-    result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1"))
+def test_unbuildable_architecture_is_recorded_and_the_search_goes_on(in_tmp, tiny_space):
+    """A space may allow a network torch cannot build: 2**31 channels overflow a weight's storage size
+    (a real error from torch, on any machine). The trial that draws it fails with torch's reason."""
+    tiny_space.write_text(TINY_SPACE.replace("{channels: 24, stride: 2", "{channels: [24, 2147483648], stride: 2"))
+    cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=1")
+    assert run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=0")).exit_code == 0
+    study = _study(in_tmp)
+    study.enqueue_trial({"s1.channels": 2147483648})
+    study.enqueue_trial({"s1.channels": 24})
+    result = run_search(cfg)
     first, second = result.study.trials
-    assert first.state == TrialState.FAIL and "Output size is too small" in first.user_attrs["fail_reason"]
+    assert first.params["s1.channels"] == 2147483648
+    assert first.state == TrialState.FAIL and "Storage size calculation overflowed" in first.user_attrs["fail_reason"]
     assert second.state == TrialState.COMPLETE
     run = next(r for r in _runs(in_tmp) if r.data.tags.get("optuna.trial_number") == "0")
-    assert run.info.status == "FAILED" and "Output size is too small" in run.data.tags["nas.fail_reason"]
+    assert run.info.status == "FAILED" and "Storage size calculation overflowed" in run.data.tags["nas.fail_reason"]
 
 
 def test_consecutive_failures_stop_the_search_early(in_tmp, tiny_space, capsys):
@@ -267,8 +266,15 @@ def test_resuming_with_another_space_is_refused(in_tmp, tiny_space):
                 "latency.budget_ms=100",
             )
         )
-    with pytest.raises(NasError, match=r"optimizer: 'torch.optim.SGD' -> 'torch.optim.AdamW'"):
-        run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s", "train/optimizer=adamw"))
+    for change, refusal in (
+        ("train/optimizer=adamw", "optimizer: 'torch.optim.SGD' -> 'torch.optim.AdamW'"),
+        ("train/schedule=onecycle", "schedule: 'nas.train.schedules.cosine' -> 'nas.train.schedules.one_cycle'"),
+        ("latency.budget_ms=100", "budget_ms: None -> 100.0"),
+        ("latency.batch_size=4", "latency_batch: 1 -> 4"),
+        (f"data=imagefolder data.root={write_image_folder(in_tmp / 'imgs')}", "data: 'digits' -> 'imagefolder'"),
+    ):
+        with pytest.raises(NasError, match=re.escape(refusal)):
+            run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s", *change.split()))
     assert len(_study(in_tmp, "s").trials) == 0  # nothing half-written
     assert run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "study.name=s")).exit_code == 0
 
@@ -360,6 +366,27 @@ def test_bad_input_is_one_clear_line(in_tmp, capsys, case, args, message):
     db = in_tmp / "outputs" / "optuna.db"
     if db.exists():  # nothing half-written: no study was created that a corrected rerun would trip over
         assert optuna.get_all_study_names(f"sqlite:///{db}") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["trials=2", "latency.budget_ms=0.0001", "search.precheck_budget=false", "search.max_draws_over_budget=2"],
+         3, "error: no architecture met the latency budget of 0.0001 ms in the last 2 draws"),
+        (["trials=2", "search.max_consecutive_failures=1", "+search.inject_faults={0: error}"],
+         4, "error: stopped after 1 consecutive failed trials"),
+    ],
+)  # fmt: skip
+def test_search_stops_through_the_real_command_with_its_exit_code(tmp_path, tiny_space, args, code, message):
+    """Exit 3 (nothing feasible) and 4 (too many failures), as a shell script sees them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, *args],
+        capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,8 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
     c = client()
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id, "best")}
     assert {"best/best_trials.json", "best/best_trials.yaml", "best/best_arch.txt"} <= artifacts
+    best_arch = Path(c.download_artifacts(parent.info.run_id, "best/best_arch.txt", str(in_tmp))).read_text()
+    assert best_arch.strip() == result.study.best_trial.user_attrs["arch"]
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "space")] == ["space/tiny.yaml"]
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
     assert {
@@ -59,7 +61,9 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
         assert {"width", "train.optimizer.lr", "train.optimizer.weight_decay", "s0.depth"} <= set(run.data.params)
         assert {"val_acc", "latency_ms", "params", "flops", "train_loss", "val_loss"} <= set(run.data.metrics)
         history = c.get_metric_history(run.info.run_id, "val_acc")
-        assert [m.step for m in history].count(0) >= 1  # per-epoch metric, step = epoch
+        # One epoch: one entry at step 0, the accuracy the trial was ranked by (2-epoch histories: below).
+        trial = result.study.trials[int(run.data.tags["optuna.trial_number"])]
+        assert [(m.step, m.value) for m in history] == [(0, pytest.approx(trial.user_attrs["val_acc"]))]
     out = capsys.readouterr().out
     assert out.count("] trial ") == 4 and "[4/4]" in out
     assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db" in out
@@ -214,8 +218,8 @@ def test_no_pruning_without_enough_trials_reported_at_that_epoch(in_tmp, tiny_sp
     assert last.state == optuna.trial.TrialState.COMPLETE and list(last.intermediate_values) == [0, 1, 2]
     # Its MLflow run holds every epoch, at step = epoch, the same accuracies the pruner was told.
     run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == str(last.number))
-    history = {m.step: m.value for m in client().get_metric_history(run.info.run_id, "val_acc")}
-    assert history == pytest.approx(last.intermediate_values)
+    history = [(m.step, m.value) for m in client().get_metric_history(run.info.run_id, "val_acc")]
+    assert history == [(step, pytest.approx(value)) for step, value in last.intermediate_values.items()]
     assert [m.step for m in client().get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 

@@ -104,6 +104,20 @@ def test_malformed_space_names_file_key_and_allowed(tmp_path, spec, key, phrase)
     assert "\n" not in msg
 
 
+def test_spaces_are_found_in_the_working_directory_first(tmp_path, monkeypatch):
+    """./search_spaces of the folder a command runs in: a user's space beside their project, and one
+    that shadows a shipped name."""
+    (tmp_path / "search_spaces").mkdir()
+    mine = {**MBV3, "width": [0.35]}
+    _write(tmp_path / "search_spaces", mine, "mine.yaml")
+    _write(tmp_path / "search_spaces", mine, "mbv3.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert list_spaces()["mine"] == tmp_path / "search_spaces" / "mine.yaml"
+    assert load_space("mine").width == (0.35,)
+    assert load_space("mbv3").width == (0.35,)  # the working directory's mbv3 wins over the shipped one
+    assert "mbv3_small" in list_spaces()  # shipped spaces stay available
+
+
 def test_missing_required_key(tmp_path):
     spec = {k: v for k, v in MBV3.items() if k != "stem"}
     with pytest.raises(SpaceError, match=r"custom.yaml: stem: missing required key"):

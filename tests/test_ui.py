@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,9 +56,36 @@ def test_mlflow_ui_shows_the_study_in_chromium(searched):
             pytest.fail("CI must install Chromium (.ci/run installs Debian's chromium)")
         pytest.skip("Chromium is not installed here (apt-get install chromium)")
     _, base, exp, folder = searched
+    runs = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+    by_name = {run["info"]["run_name"]: run for run in runs}
     runs_page = _browser(f"{base}/#/experiments/{exp}/runs", folder)
-    assert ">tiny-digits<" in runs_page  # the study's parent run; its trials are nested under it
-    trial = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "filter": "attributes.run_name = 'trial-1'"})
-    run_page = _browser(f"{base}/#/experiments/{exp}/runs/{trial['runs'][0]['info']['run_id']}", folder)
-    for text in ("trial-1", "val_acc", "latency_ms", "arch"):
-        assert text in run_page
+    # A row of the runs table links the study's parent run (its trials are nested under it).
+    parent_id = by_name["tiny-digits"]["info"]["run_id"]
+    assert re.search(rf'href="#/experiments/{exp}/runs/{parent_id}"><span[^>]*>tiny-digits</span>', runs_page)
+    trial = by_name["trial-1"]
+    run_page = _browser(f"{base}/#/experiments/{exp}/runs/{trial['info']['run_id']}", folder)
+    text = re.sub(r"(<[^>]+>)+", "|", run_page)  # cells as |key|value|
+    params = {p["key"]: p["value"] for p in trial["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in trial["data"]["metrics"]}
+    # The parameters and metrics tables show the trial's own values.
+    assert f"|arch|{params['arch']}|" in text
+    for key in ("val_acc", "latency_ms", "params"):
+        assert re.search(rf"\|{key}\|{re.escape(repr(metrics[key]).removesuffix('.0'))}\|", text), key
+
+
+def test_report_cli_redraws_the_latest_studys_plots(searched):
+    """``python -m nas.report`` (the search ran with search.plots=false): charts written and logged."""
+    _, base, exp, folder = searched
+    parent = mlflow_api(base, "runs/search", {"experiment_ids": [exp], "filter": "attributes.run_name = 'tiny-digits'"})
+    parent_id = parent["runs"][0]["info"]["run_id"]
+    listed = lambda: mlflow_api(base, f"artifacts/list?run_id={parent_id}&path=plots").get("files", [])  # noqa: E731
+    assert listed() == []
+    report = [sys.executable, "-m", "nas.report"]
+    proc = subprocess.run(report, capture_output=True, text=True, cwd=folder, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(r"(\d+) files in outputs/reports/tiny-digits/ and the study's MLflow run", lines[0])
+    files = [Path(line.strip()) for line in lines[1:]]
+    assert len(files) == int(lines[0].split()[0]) and "accuracy_vs_latency.html" in {f.name for f in files}
+    assert all((folder / f if not f.is_absolute() else f).stat().st_size > 0 for f in files)
+    assert {Path(f["path"]).name for f in listed()} == {f.name for f in files}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -35,6 +35,9 @@ class FidelityReport:
     predict_s: float
     measure_s: float
     table_entries: int
+    # Per network: its string, measured median, calibrated prediction and raw layer sum (ms), so an
+    # outlier can be looked at and the summary figures recomputed.
+    networks: list[dict] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -108,4 +111,8 @@ def validate(space: Space, table: LatencyTable, num_classes: int, n: int, seed: 
         predict_s=predict_s,
         measure_s=measure_s,
         table_entries=len(table.entries),
+        networks=[
+            {"arch": arch.encode(), "measured_ms": mi, "predicted_ms": pi, "raw_ms": ri}
+            for arch, mi, pi, ri in zip(archs, measured, predicted, raw, strict=True)
+        ],
     )

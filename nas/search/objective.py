@@ -243,14 +243,13 @@ class Objective:
         total, epochs_s = time.perf_counter() - t0, timer.time_elapsed("train")
         trial.set_user_attr("time_s", {"total": total, "epochs": epochs_s})
         metrics = {
-            "val_acc": result.val_acc,
-            "val_loss": result.val_loss,
             "objective": self.goal.score(result.val_acc, latency),
             "time_total_s": total,
             "time_epochs_s": epochs_s,
             "time_fixed_s": total - epochs_s,
         }
-        if epoch_log.error:
+        if epoch_log.error:  # the per-epoch history holds val_acc/val_loss; without it, the final values
             trial.set_user_attr("tracking_error", f"per-epoch metrics not logged: {epoch_log.error}")
+            metrics |= {"val_acc": result.val_acc, "val_loss": result.val_loss}
         self._close_run(trial, outcome, trial_states.COMPLETE, metrics)
         return self.goal.value(result.val_acc, latency)
