@@ -16,6 +16,13 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_USER_ERROR = 2
 
 
+def default_tracking_uri() -> str:
+    """``mlflow.tracking_uri`` of conf/mlflow/default.yaml: where commands record, and nas.load looks."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(Path(CONF_DIR) / "mlflow" / "default.yaml").tracking_uri)
+
+
 def quiet_libraries() -> None:
     """Lightning's and MLflow's info banners drown the one line per trial that matters."""
     # Both configure their loggers on import: set levels after that.

@@ -67,17 +67,42 @@ class Classifier:
         return write_bundle(Path(directory), self.model, self.arch, self.pre)
 
 
-def _resolve(source: str | Path) -> Path:
+def _tracking_uri(given: str | None) -> str:
+    """The store a ``models:/`` or ``runs:/`` name is looked up in: the one given, else MLflow's own
+    setting (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``), else the project's default store
+    (conf/mlflow/default.yaml) when it exists here. Never MLflow's fallback ``./mlflow.db``: it would
+    be created empty and the model "not found" in it."""
+    from mlflow.tracking import get_tracking_uri, is_tracking_uri_set
+
+    from nas.cli import default_tracking_uri
+
+    if given:
+        return given
+    if is_tracking_uri_set():
+        return get_tracking_uri()
+    default = default_tracking_uri()
+    local = Path(default.removeprefix("sqlite:///"))
+    if default.startswith("sqlite:///") and local.is_file():
+        return f"sqlite:///{local.resolve()}"
+    raise NasError(
+        f"no MLflow store to look the model up in: {local} does not exist in {Path.cwd()}. Run from the project "
+        "folder the search ran in, or pass tracking_uri= (or set MLFLOW_TRACKING_URI)"
+    )
+
+
+def _resolve(source: str | Path, tracking_uri: str | None) -> Path:
     """A local bundle folder, ``runs:/ID/bundle``, or ``models:/NAME/VERSION|@alias|latest``."""
     text = str(source)
     if Path(text).is_dir():
         return Path(text)
+    if not text.startswith(("models:/", "runs:/")):
+        raise NasError(f"cannot load {text!r}: give a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
     import mlflow
+    from mlflow.tracking import MlflowClient
 
+    uri = _tracking_uri(tracking_uri)
     if text.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
+        client = MlflowClient(tracking_uri=uri)
         ref = text.removeprefix("models:/")
         if "@" in ref:
             name, alias = ref.split("@", 1)
@@ -92,14 +117,13 @@ def _resolve(source: str | Path) -> Path:
             else:
                 version = client.get_model_version(name, ver)
         text = f"runs:/{version.run_id}/bundle"
-    if text.startswith("runs:/"):
-        return Path(mlflow.artifacts.download_artifacts(text))
-    raise NasError(f"cannot load {text!r}: give a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+    return Path(mlflow.artifacts.download_artifacts(text, tracking_uri=uri))
 
 
-def load(source: str | Path) -> Classifier:
-    """Load a retrained model for prediction, e.g. ``nas.load("models:/nas-mbv3-cifar10@champion")``."""
-    folder = _resolve(source)
+def load(source: str | Path, tracking_uri: str | None = None) -> Classifier:
+    """Load a retrained model for prediction, e.g. ``nas.load("models:/nas-mbv3-cifar10@champion")``
+    in the folder the search ran in, or with ``tracking_uri=`` naming the MLflow store."""
+    folder = _resolve(source, tracking_uri)
     missing = [f for f in ("arch.txt", "weights.pt", "preprocess.json") if not (folder / f).is_file()]
     if missing:
         raise NasError(f"{folder} is not a nas model bundle (missing {', '.join(missing)})")

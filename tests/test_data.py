@@ -161,6 +161,17 @@ def test_imagefolder_single_folder_layout_and_cache(tmp_path):
         imagefolder(tmp_path / "missing", cache_dir=cache)
 
 
+def test_imagenet_layout_uses_val_as_the_held_out_split(tmp_path):
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", per_class=3)
+    with_test = imagefolder(root, cache_dir=tmp_path / "cache")
+    (root / "test").rename(root / "val")
+    with_val = imagefolder(root, cache_dir=tmp_path / "cache")
+    assert with_val.test_x is not None and torch.equal(with_val.test_x, with_test.test_x)
+    assert with_val.test_y.tolist() == with_test.test_y.tolist()
+
+
 def test_a_corrupt_image_stops_with_its_path(tmp_path):
     from tests.conftest import write_image_folder
 

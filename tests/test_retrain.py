@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
 from nas.train.run import load_splits
-from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env
+from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env, write_image_folder
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
 
@@ -229,6 +230,52 @@ def test_retrain_cli_with_explicit_arch(tmp_path):
     assert "registered models:/tiny-arch/1 (alias @champion)" in proc.stdout
     assert "test_acc" in proc.stdout and "Traceback" not in proc.stderr
     assert Path(tmp_path / "outputs" / "mlflow.db").is_file()
+    # The printed line works verbatim in a new shell in that folder, and leaves no file behind (MLflow's
+    # own fallback store would create ./mlflow.db and not find the model there).
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("  use it: "))
+    command = line.removeprefix("  use it: ")
+    assert command == "python -c \"import nas; m = nas.load('models:/tiny-arch@champion')\""
+    before = sorted(tmp_path.rglob("*"))
+    env = {k: v for k, v in subprocess_env().items() if k != "MLFLOW_TRACKING_URI"}
+    loaded = subprocess.run(command.replace("python", sys.executable, 1) + " && echo loaded", shell=True,
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr[-2000:]
+    assert sorted(tmp_path.rglob("*")) == before
+    # From another folder it says where it looked and what to pass, again without creating a store.
+    load = [sys.executable, "-c", "import nas; nas.load('models:/tiny-arch@champion')"]
+    elsewhere = subprocess.run(load, capture_output=True, text=True, cwd=tmp_path / "outputs", env=env, timeout=300)
+    assert elsewhere.returncode != 0 and "pass tracking_uri=" in elsewhere.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_retrain_refuses_data_without_a_held_out_split_before_training(in_tmp):
+    root = write_image_folder(in_tmp / "imgs", per_class=4)
+    shutil.rmtree(root / "test")
+    cfg = compose_cfg(f"arch={TINY_ARCH}", *FAST, "data=imagefolder", f"data.root={root}", config_name="retrain_app")
+    with pytest.raises(NasError, match=r"has no held-out test split.*add ROOT/test/<class>/ \(or ImageNet's ROOT/val"):
+        retrain(cfg)
+    assert not (in_tmp / "outputs" / "mlflow.db").exists() or not _retrain_runs(in_tmp)
+
+
+def test_a_retrain_whose_loss_diverges_registers_nothing(in_tmp):
+    """Training on train+val validates nothing, so the check for a non-finite loss runs at each epoch's end."""
+    cfg = compose_cfg(f"arch={TINY_ARCH}", *FAST, "train.optimizer.lr=1e30", "retrain.model_name=diverged",
+                      config_name="retrain_app")  # fmt: skip
+    assert cfg.retrain.train_on_val
+    with pytest.raises(NasError, match=r"training loss became NaN or infinite in epoch 0: nothing registered"):
+        retrain(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db")
+    assert client.search_registered_models() == []
+    assert [r.info.status for r in _retrain_runs(in_tmp)] == ["FAILED"]
+
+
+def _retrain_runs(folder: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder}/outputs/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`nas.kind` = 'retrain'")
 
 
 def test_retraining_needs_the_data_and_recipe_the_study_was_searched_with(in_tmp, tiny_space):

@@ -212,7 +212,8 @@ def _cached_folder(
 def imagefolder(
     root: str | Path, download: bool = False, image_size: int | None = None, cache_dir: str | Path = "outputs/cache"
 ) -> ImageSplits:
-    """``root/train/<class>/*`` (+ ``root/test/<class>/*`` when present), or ``root/<class>/*``.
+    """``root/train/<class>/*`` (+ ``root/test/<class>/*``, or ImageNet's ``root/val/<class>/*``, as the
+    held-out test split when present), or ``root/<class>/*``.
 
     Images are decoded once and cached as a uint8 tensor file keyed by the
     folder's file list, sizes and mtimes, so later runs load in a second.
@@ -227,10 +228,11 @@ def imagefolder(
     folder, tx, ty, train_digest = _cached_folder(train_dir, image_size, Path(cache_dir))
     test_x = test_y = None
     digests = [train_digest]
-    if train_dir != root and (root / "test").is_dir():
-        test_folder, test_x, test_y, test_digest = _cached_folder(root / "test", image_size, Path(cache_dir))
+    held_out = next((root / d for d in ("test", "val") if (root / d).is_dir()), None) if train_dir != root else None
+    if held_out is not None:
+        test_folder, test_x, test_y, test_digest = _cached_folder(held_out, image_size, Path(cache_dir))
         if test_folder.classes != folder.classes:
-            raise DataError(f"{root}/test has classes {test_folder.classes}, but {train_dir} has {folder.classes}")
+            raise DataError(f"{held_out} has classes {test_folder.classes}, but {train_dir} has {folder.classes}")
         digests.append(test_digest)
     digest = hashlib.blake2b("|".join(digests).encode(), digest_size=16).hexdigest()
     return ImageSplits(tx, ty, test_x, test_y, list(folder.classes), source_fingerprint=digest)

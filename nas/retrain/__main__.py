@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.cli import CONF_DIR, default_tracking_uri, quiet_libraries, user_errors
 
 
 @user_errors
@@ -19,7 +19,16 @@ def main(cfg: DictConfig) -> None:
     print(f"  source: {source}; test_acc {r.test_acc:.4f}; latency {r.latency_ms:.4f} ms; MLflow run {r.run_id}")
     if r.model_name:
         print(f"  registered models:/{r.model_name}/{r.model_version} (alias @{cfg.retrain.alias})")
-        print(f"  use it: python -c \"import nas; m = nas.load('models:/{r.model_name}@{cfg.retrain.alias}')\"")
+        print(f"  use it: {load_command(f'models:/{r.model_name}@{cfg.retrain.alias}', str(cfg.mlflow.tracking_uri))}")
+
+
+def load_command(model_uri: str, tracking_uri: str) -> str:
+    """The line that loads the model in a new shell: from the project folder the default store needs no
+    argument; any other store is named (its password masked: give it in MLFLOW_TRACKING_PASSWORD)."""
+    from nas.urls import mask_url
+
+    where = "" if tracking_uri == default_tracking_uri() else f", tracking_uri='{mask_url(tracking_uri)}'"
+    return f"python -c \"import nas; m = nas.load('{model_uri}'{where})\""
 
 
 @hydra.main(config_path=CONF_DIR, config_name="retrain_app", version_base="1.3")

@@ -36,7 +36,14 @@ def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess)
     return directory
 
 
-def export_onnx(model: nn.Module, resolution: int, path: Path, atol: float = 1e-4) -> float:
+def within_tolerance(got: np.ndarray, expected: np.ndarray, rtol: float = 1e-4) -> tuple[bool, float]:
+    """Float32 kernels of another runtime differ in the last digits, more for larger logits: the worst
+    difference is judged against ``rtol`` x the largest logit (at least 1)."""
+    worst = float(np.abs(got - expected).max())
+    return worst <= rtol * max(1.0, float(np.abs(expected).max())), worst
+
+
+def export_onnx(model: nn.Module, resolution: int, path: Path) -> float:
     """ONNX with a dynamic batch dimension, re-loaded in onnxruntime and compared with PyTorch."""
     import onnxruntime as ort
 
@@ -50,10 +57,13 @@ def export_onnx(model: nn.Module, resolution: int, path: Path, atol: float = 1e-
         x = torch.randn(n, 3, resolution, resolution)
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        worst = max(worst, float(np.abs(got - expected).max()))
-    if worst > atol:
-        raise NasError(f"ONNX export of the model differs from PyTorch by {worst:.2e} (> {atol}); not exported")
+        ok, diff = within_tolerance(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], expected)
+        worst = max(worst, diff)
+        if not ok:
+            raise NasError(
+                f"ONNX export of the model differs from PyTorch by {diff:.2e} (logits up to "
+                f"{np.abs(expected).max():.2e}); not exported"
+            )
     return worst
 
 
@@ -63,3 +73,9 @@ def export_program(model: nn.Module, resolution: int, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (torch.randn(2, 3, resolution, resolution),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
+    x = torch.randn(3, 3, resolution, resolution)
+    with torch.no_grad():
+        expected, got = model(x).numpy(), torch.export.load(str(path)).module()(x).numpy()
+    ok, diff = within_tolerance(got, expected)
+    if not ok:
+        raise NasError(f"torch.export of the model differs from PyTorch by {diff:.2e}; not exported")

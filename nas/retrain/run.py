@@ -25,6 +25,7 @@ from nas.search.study import make_storage
 from nas.space import arch_from_text
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
+from nas.train.module import NonFiniteLossError
 from nas.train.run import (
     check_train_cfg,
     load_splits,
@@ -93,6 +94,12 @@ def retrain(cfg: DictConfig) -> RetrainResult:
     check_train_cfg(cfg)
     client = connect(cfg.mlflow)
     splits = load_splits(cfg.data)
+    if splits.test_x is None:
+        raise NasError(
+            f"data set {cfg.data.name} at {cfg.data.get('root')} has no held-out test split, and a retrain "
+            "reports accuracy on images it never trained on: add ROOT/test/<class>/ (or ImageNet's ROOT/val/<class>/) "
+            "beside ROOT/train/<class>/"
+        )
     sel, space = select(cfg, client, int(splits.train_x.shape[-1]))
     run_cfg = apply_hparams(cfg, sel.hparams)
     arch = sel.arch
@@ -126,7 +133,13 @@ def retrain(cfg: DictConfig) -> RetrainResult:
             module = make_module(run_cfg, arch, dm.num_classes)
             overrides = {"limit_val_batches": 0} if train_on_val else {}
             trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)
-            trainer.fit(module, datamodule=dm)
+            try:
+                trainer.fit(module, datamodule=dm)
+            except NonFiniteLossError as exc:
+                raise NasError(
+                    f"{exc}: nothing registered. Lower the learning rate (train.optimizer.lr="
+                    f"{run_cfg.train.optimizer.lr:g} now) and run again"
+                ) from None
             test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
             model = module.model.cpu().eval()
             latency = measure_arch(arch, dm.num_classes, settings_from_cfg(cfg.latency))

@@ -142,10 +142,17 @@ class ClassifierModule(pl.LightningModule):
             self._graphed.release()
             self._graphed = None
 
-    def on_validation_epoch_start(self) -> None:
-        # Validation runs inside the training epoch: stop before evaluating a diverged network.
+    def _check_finite(self) -> None:
         if self._epoch_steps and bool(self._epoch_sums[2] > 0):
             raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation runs inside the training epoch: stop before evaluating a diverged network.
+        self._check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        # And where nothing validates (a retrain on train+val), at the end of every epoch.
+        self._check_finite()
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
