@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from omegaconf import open_dict
 from optuna.distributions import FloatDistribution
 
 import nas
@@ -181,9 +182,17 @@ def test_retrain_registers_a_model_that_loads_anywhere(in_tmp, tiny_space):
     other = next(t for t in study.trials if t.number != best.number)
     other_run = next(r for r in client.search_runs([run.info.experiment_id])
                      if r.data.tags.get("optuna.trial_number") == str(other.number))  # fmt: skip
-    by_run = retrain(compose_cfg(*base, f"+run_id={other_run.info.run_id}", retrain_keys.format("false")))
+    by_run_keys = (*base, f"+run_id={other_run.info.run_id}", retrain_keys.format("false"))
+    with pytest.raises(NasError, match=r"was searched with optimizer torch.optim.SGD \(now torch.optim.AdamW\)"):
+        retrain(compose_cfg(*by_run_keys, "train/optimizer=adamw"))  # the run's study is checked too
+    trimmed = compose_cfg(*by_run_keys)
+    with open_dict(trimmed):  # today's search.hparams no longer lists label smoothing
+        del trimmed.search.hparams["train.label_smoothing"]
+    by_run = retrain(trimmed)
     assert by_run.selection.arch.encode() == other.user_attrs["arch"] and by_run.selection.trial == other.number
-    assert client.get_run(by_run.run_id).data.params["train.optimizer.lr"] == str(other.params["train.optimizer.lr"])
+    logged = client.get_run(by_run.run_id).data.params
+    for key in ("train.optimizer.lr", "train.optimizer.weight_decay", "train.label_smoothing"):
+        assert logged[key] == str(other.params[key]), key  # every hyperparameter the trial was trained with
     assert by_run.model_version is None
 
 

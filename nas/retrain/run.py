@@ -19,7 +19,7 @@ from nas.errors import NasError
 from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
-from nas.retrain.select import Selection, from_run, from_study, latest_study
+from nas.retrain.select import Selection, from_run, from_study, get_trial_run, latest_study
 from nas.search.hparams import apply_hparams
 from nas.search.study import make_storage
 from nas.space import arch_from_text
@@ -47,14 +47,31 @@ class RetrainResult:
     selection: Selection
 
 
+def searched_hparam_keys(study: optuna.Study | None, cfg: DictConfig) -> list[str]:
+    """The hyperparameters the study sampled, as it stored them: a retrain applies every one of them,
+    whatever today's ``search.hparams`` says (older studies without the record: today's keys)."""
+    stored = study.user_attrs.get("identity", {}).get("search.hparams") if study is not None else None
+    return list(stored) if stored is not None else list(cfg.search.hparams)
+
+
+def _study_of_run(cfg: DictConfig, name: str | None) -> optuna.Study | None:
+    """The study a trial run came from, when it is in this storage (a run copied elsewhere may not be)."""
+    if not name:
+        return None
+    storage = make_storage(cfg)
+    return optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
+
+
 def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Selection, str | None]:
     """The architecture to retrain and the space it came from (for the registered model's name)."""
-    keys = list(cfg.search.hparams)
     if cfg.arch:
         return Selection(arch=arch_from_text(cfg.arch, image_size)), None
     if cfg.run_id:
-        sel = from_run(client, cfg.run_id, keys)
-        run = client.get_run(cfg.run_id)
+        run = get_trial_run(client, cfg.run_id)
+        study = _study_of_run(cfg, run.data.tags.get("nas.study"))
+        if study is not None:
+            check_same_setup(study, cfg)
+        sel = from_run(client, cfg.run_id, searched_hparam_keys(study, cfg))
         parent = run.data.tags.get("mlflow.parentRunId")
         space = client.get_run(parent).data.params.get("space") if parent else None
         return sel, space
@@ -62,7 +79,7 @@ def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Sele
     name = cfg.study.name or latest_study(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     check_same_setup(study, cfg)
-    sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, keys)
+    sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, searched_hparam_keys(study, cfg))
     return sel, study.user_attrs.get("identity", {}).get("space")
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
@@ -67,13 +68,18 @@ def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam
     )
 
 
-def from_run(client: MlflowClient, run_id: str, hparam_keys: list[str]) -> Selection:
+def get_trial_run(client: MlflowClient, run_id: str) -> Run:
     try:
         run = client.get_run(run_id)
     except Exception as exc:
         raise NasError(f"MLflow run {run_id} not found: {str(exc).splitlines()[0]}") from None
     if "arch" not in run.data.params:
         raise NasError(f"MLflow run {run_id} has no 'arch' param; pass the run of a search trial")
+    return run
+
+
+def from_run(client: MlflowClient, run_id: str, hparam_keys: list[str]) -> Selection:
+    run = get_trial_run(client, run_id)
     params = run.data.params
     hparams = {k: _parse(params[k]) for k in hparam_keys if k in params}
     trial = run.data.tags.get("optuna.trial_number")
