@@ -199,7 +199,8 @@ def test_retrain_registers_a_model_that_loads_anywhere(in_tmp, tiny_space):
 def test_retrain_cli_from_a_pareto_study_validating_each_epoch(in_tmp, tiny_space):
     """The command line on a study: select=pareto:0 (the fastest point of the front, i.e. the fastest
     network trained) and retrain.train_on_val=false (validation each epoch, val kept out of training)."""
-    run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=3", "search.objective=pareto"))
+    searched = ("trials=3", "search.objective=pareto", "latency.batch_size=2")
+    run_search(compose_cfg(f"+space={tiny_space}", *FAST, *searched))
     study = optuna.load_study(study_name="tiny-digits", storage="sqlite:///outputs/optuna.db")
     fastest = min((t for t in study.trials if t.user_attrs.get("state") == "complete"),
                   key=lambda t: t.user_attrs["latency_ms"])  # fmt: skip
@@ -214,6 +215,7 @@ def test_retrain_cli_from_a_pareto_study_validating_each_epoch(in_tmp, tiny_spac
     run_id = re.search(r"MLflow run (\w+)", proc.stdout)[1]
     client = MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db")
     assert client.get_run(run_id).data.tags["nas.source.trial"] == str(fastest.number)
+    assert client.get_run(run_id).data.params["latency.batch_size"] == "2"  # the study's, not the command's 1
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1]
 
 
@@ -255,6 +257,23 @@ def test_retrain_cli_with_explicit_arch(tmp_path):
     elsewhere = subprocess.run(load, capture_output=True, text=True, cwd=tmp_path / "outputs", env=env, timeout=300)
     assert elsewhere.returncode != 0 and "pass tracking_uri=" in elsewhere.stderr
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_retrain_over_the_latency_budget_keeps_the_alias_where_it_was(in_tmp, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from nas.retrain.__main__ import main
+
+    common = (f"arch={TINY_ARCH}", *FAST, "retrain.export=false", "retrain.model_name=tiny")
+    main(compose_cfg(*common, config_name="retrain_app"))  # version 1, no budget: @champion
+    main(compose_cfg(*common, "latency.budget_ms=0.0001", config_name="retrain_app"))  # version 2, over it
+    out = capsys.readouterr().out
+    assert "(budget 0.0001 ms: OVER)" in out
+    assert "registered models:/tiny/2, over the latency budget: alias @champion not moved" in out
+    client = MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db")
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    main(compose_cfg(*common, "latency.budget_ms=0.0001", "retrain.allow_over_budget=true", config_name="retrain_app"))
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "3"
 
 
 def test_retrain_refuses_data_without_a_held_out_split_before_training(in_tmp):

@@ -16,10 +16,17 @@ def main(cfg: DictConfig) -> None:
     r = retrain(cfg)
     print(f"retrained {r.selection.arch.encode()}")
     source = f"study {r.selection.study}, trial {r.selection.trial}" if r.selection.study else r.selection.how
-    print(f"  source: {source}; test_acc {r.test_acc:.4f}; latency {r.latency_ms:.4f} ms; MLflow run {r.run_id}")
-    if r.model_name:
+    budget = "" if r.budget_ms is None else f" (budget {r.budget_ms:g} ms{': OVER' if r.over_budget else ''})"
+    latency = f"latency {r.latency_ms:.4f} ms{budget}"
+    print(f"  source: {source}; test_acc {r.test_acc:.4f}; {latency}; MLflow run {r.run_id}")
+    if r.model_name and r.alias_moved:
         print(f"  registered models:/{r.model_name}/{r.model_version} (alias @{cfg.retrain.alias})")
         print(f"  use it: {load_command(f'models:/{r.model_name}@{cfg.retrain.alias}', str(cfg.mlflow.tracking_uri))}")
+    elif r.model_name:
+        print(
+            f"  registered models:/{r.model_name}/{r.model_version}, over the latency budget: "
+            f"alias @{cfg.retrain.alias} not moved (retrain.allow_over_budget=true moves it)"
+        )
 
 
 def load_command(model_uri: str, tracking_uri: str) -> str:

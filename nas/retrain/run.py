@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from nas.data import TensorImageDataModule
 from nas.errors import NasError
 from nas.latency.estimator import measure_arch, settings_from_cfg
+from nas.latency.measure import LatencySettings
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run, latest_study
@@ -45,6 +46,27 @@ class RetrainResult:
     model_name: str | None
     model_version: str | None
     selection: Selection
+    budget_ms: float | None = None
+    alias_moved: bool = False
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget_ms is not None and self.latency_ms > self.budget_ms
+
+
+def target_latency(cfg: DictConfig, sel: Selection) -> tuple[LatencySettings, float | None]:
+    """Latency as the study judged it: its batch size, mode and threads (on this machine's device, named
+    in the run), and its budget; without a study, the command's own ``latency.*``."""
+    base, ident = settings_from_cfg(cfg.latency), sel.identity
+    if not ident:
+        return base, cfg.latency.budget_ms
+    settings = replace(
+        base,
+        batch_size=int(ident.get("latency_batch") or base.batch_size),
+        mode=str(ident.get("latency.mode") or base.mode),
+        threads=int(ident.get("latency.threads") or base.threads),
+    )
+    return settings, ident.get("budget_ms")
 
 
 def searched_hparam_keys(study: optuna.Study | None, cfg: DictConfig) -> list[str]:
@@ -72,6 +94,7 @@ def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Sele
         if study is not None:
             check_same_setup(study, cfg)
         sel = from_run(client, cfg.run_id, searched_hparam_keys(study, cfg))
+        sel.identity = study.user_attrs.get("identity", {}) if study is not None else {}
         parent = run.data.tags.get("mlflow.parentRunId")
         space = client.get_run(parent).data.params.get("space") if parent else None
         return sel, space
@@ -80,6 +103,7 @@ def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Sele
     study = optuna.load_study(study_name=name, storage=storage)
     check_same_setup(study, cfg)
     sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, searched_hparam_keys(study, cfg))
+    sel.identity = study.user_attrs.get("identity", {})
     return sel, study.user_attrs.get("identity", {}).get("space")
 
 
@@ -159,25 +183,39 @@ def retrain(cfg: DictConfig) -> RetrainResult:
                 ) from None
             test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
             model = module.model.cpu().eval()
-            latency = measure_arch(arch, dm.num_classes, settings_from_cfg(cfg.latency))
+            settings, budget = target_latency(cfg, sel)
+            latency = measure_arch(arch, dm.num_classes, settings).median_ms
+            mlflow.log_params({f"latency.{k}": v for k, v in settings.key_fields().items()})
             c = cost(arch, dm.num_classes)
-            mlflow.log_metrics(
-                {"test_acc": test_acc, "latency_ms": latency.median_ms, "params": c.params, "flops": c.flops}
-            )
+            mlflow.log_metrics({"test_acc": test_acc, "latency_ms": latency, "params": c.params, "flops": c.flops})
+            result = RetrainResult(run_id, test_acc, latency, None, None, sel, budget)
+            if budget is not None:
+                mlflow.log_metric("budget_ms", budget)
             name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
             pre = _preprocess(dm, arch.resolution, int(splits.train_x.shape[1]))
-            version = _publish(cfg, client, run_id, model, arch, pre, name)
+            move_alias = not result.over_budget or bool(cfg.retrain.allow_over_budget)
+            result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias)
+            result.model_name = name if result.model_version else None
+            result.alias_moved = bool(result.model_version) and move_alias
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    return RetrainResult(run_id, test_acc, latency.median_ms, name if version else None, version, sel)
+    return result
 
 
 def _publish(
-    cfg: DictConfig, client: MlflowClient, run_id: str, model: torch.nn.Module, arch, pre: Preprocess, name: str
+    cfg: DictConfig,
+    client: MlflowClient,
+    run_id: str,
+    model: torch.nn.Module,
+    arch,
+    pre: Preprocess,
+    name: str,
+    move_alias: bool,
 ) -> str | None:
-    """Bundle + exports as artifacts; the model logged (pickle: any batch size) and registered with an alias."""
+    """Bundle + exports as artifacts; the model logged (pickle: any batch size), registered, and given the
+    alias unless it missed the latency budget."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", model, arch, pre)
         mlflow.log_artifacts(str(bundle), "bundle")
@@ -203,6 +241,7 @@ def _publish(
     if not cfg.retrain.register:
         return None
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(name, str(cfg.retrain.alias), version)
+    if move_alias:
+        client.set_registered_model_alias(name, str(cfg.retrain.alias), version)
     client.set_model_version_tag(name, version, "arch", arch.encode())
     return version

@@ -23,6 +23,7 @@ class Selection:
     trial: int | None = None
     run_id: str | None = None
     how: str = "arch"
+    identity: dict[str, Any] = field(default_factory=dict)  # the source study's setup, when known
 
 
 def latest_study(storage: Any) -> str:
