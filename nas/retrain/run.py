@@ -14,7 +14,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from nas.data import TensorImageDataModule
+from nas.data import ImageSplits, TensorImageDataModule
 from nas.errors import NasError
 from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.latency.measure import LatencySettings
@@ -23,7 +23,7 @@ from nas.retrain.export import Preprocess, export_onnx, export_program, write_bu
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run, latest_study
 from nas.search.hparams import apply_hparams
 from nas.search.study import make_storage
-from nas.space import arch_from_text
+from nas.space import Arch, arch_from_text
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
 from nas.train.module import NonFiniteLossError
@@ -131,58 +131,57 @@ def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Pr
     )
 
 
-def retrain(cfg: DictConfig) -> RetrainResult:
-    check_train_cfg(cfg)
-    client = connect(cfg.mlflow)
-    splits = load_splits(cfg.data)
+def _require_test_split(cfg: DictConfig, splits: ImageSplits) -> None:
     if splits.test_x is None:
         raise NasError(
             f"data set {cfg.data.name} at {cfg.data.get('root')} has no held-out test split, and a retrain "
             "reports accuracy on images it never trained on: add ROOT/test/<class>/ (or ImageNet's ROOT/val/<class>/) "
             "beside ROOT/train/<class>/"
         )
+
+
+def _create_run(cfg: DictConfig, client: MlflowClient, sel: Selection) -> str:
+    """The retrain's MLflow run, tagged with where its architecture came from."""
+    exp = experiment_id(client, cfg.mlflow.experiment or sel.study or "retrain", cfg.mlflow.get("artifact_location"))
+    source = {"nas.source.study": sel.study, "nas.source.trial": sel.trial, "nas.source.run_id": sel.run_id}
+    tags = {"nas.kind": "retrain", "nas.source.how": sel.how} | {k: str(v) for k, v in source.items() if v is not None}
+    name = f"retrain-{sel.study or 'arch'}-{sel.trial if sel.trial is not None else 0}"
+    return client.create_run(exp, run_name=name, tags=tags).info.run_id
+
+
+def _fit(
+    run_cfg: DictConfig, arch: Arch, dm: TensorImageDataModule, client: MlflowClient, run_id: str, train_on_val: bool
+) -> tuple[torch.nn.Module, float]:
+    """Train, then test once; a diverged network stops here, before anything is published."""
+    module = make_module(run_cfg, arch, dm.num_classes)
+    overrides = {"limit_val_batches": 0} if train_on_val else {}
+    trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)
+    try:
+        trainer.fit(module, datamodule=dm)
+    except NonFiniteLossError as exc:
+        raise NasError(
+            f"{exc}: nothing registered. Lower the learning rate (train.optimizer.lr="
+            f"{run_cfg.train.optimizer.lr:g} now) and run again"
+        ) from None
+    test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
+    return module.model.cpu().eval(), test_acc
+
+
+def retrain(cfg: DictConfig) -> RetrainResult:
+    check_train_cfg(cfg)
+    client = connect(cfg.mlflow)
+    splits = load_splits(cfg.data)
+    _require_test_split(cfg, splits)
     sel, space = select(cfg, client, int(splits.train_x.shape[-1]))
     run_cfg = apply_hparams(cfg, sel.hparams)
-    arch = sel.arch
-    train_on_val = bool(cfg.retrain.train_on_val)
+    arch, train_on_val = sel.arch, bool(cfg.retrain.train_on_val)
     dm = make_datamodule(run_cfg, splits, arch.resolution, train_on_val=train_on_val)
-    exp = experiment_id(client, cfg.mlflow.experiment or sel.study or "retrain", cfg.mlflow.get("artifact_location"))
-    tags = {"nas.kind": "retrain", "nas.source.how": sel.how}
-    tags |= {
-        k: str(v)
-        for k, v in {
-            "nas.source.study": sel.study,
-            "nas.source.trial": sel.trial,
-            "nas.source.run_id": sel.run_id,
-        }.items()
-        if v is not None
-    }
-    run = client.create_run(
-        exp, run_name=f"retrain-{sel.study or 'arch'}-{sel.trial if sel.trial is not None else 0}", tags=tags
-    )
-    run_id = run.info.run_id
+    run_id = _create_run(cfg, client, sel)
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.log_params(
-                {
-                    "arch": arch.encode(),
-                    "train.epochs": run_cfg.train.epochs,
-                    "train_on_val": train_on_val,
-                    **sel.hparams,
-                }
-            )
-            module = make_module(run_cfg, arch, dm.num_classes)
-            overrides = {"limit_val_batches": 0} if train_on_val else {}
-            trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)
-            try:
-                trainer.fit(module, datamodule=dm)
-            except NonFiniteLossError as exc:
-                raise NasError(
-                    f"{exc}: nothing registered. Lower the learning rate (train.optimizer.lr="
-                    f"{run_cfg.train.optimizer.lr:g} now) and run again"
-                ) from None
-            test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
-            model = module.model.cpu().eval()
+            params = {"arch": arch.encode(), "train.epochs": run_cfg.train.epochs, "train_on_val": train_on_val}
+            mlflow.log_params(params | sel.hparams)
+            model, test_acc = _fit(run_cfg, arch, dm, client, run_id, train_on_val)
             settings, budget = target_latency(cfg, sel)
             latency = measure_arch(arch, dm.num_classes, settings).median_ms
             mlflow.log_params({f"latency.{k}": v for k, v in settings.key_fields().items()})
