@@ -335,3 +335,7 @@ def test_retrain_command_carries_data_recipe_and_non_default_stores():
     assert retrain_command(compose_cfg(), "s") == (
         "python -m nas.retrain study.name=s data=cifar10 train/optimizer=sgd train/schedule=cosine"
     )
+    # The trials' batch size when it is not the data set's own (digits: 32, others 128).
+    assert "train.batch_size" not in retrain_command(compose_cfg("data=digits"), "s")
+    assert retrain_command(compose_cfg("data=digits", "train.batch_size=64"), "s").endswith(" train.batch_size=64")
+    assert retrain_command(compose_cfg("train.batch_size=32"), "s").endswith(" train.batch_size=32")

@@ -68,7 +68,10 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
     assert out.count("] trial ") == 4 and "[4/4]" in out
     assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db" in out
     # The printed retrain command names what retraining needs to find the study and train alike.
-    assert "python -m nas.retrain study.name=tiny-digits data=digits train/optimizer=sgd train/schedule=cosine\n" in out
+    assert (
+        "python -m nas.retrain study.name=tiny-digits data=digits train/optimizer=sgd train/schedule=cosine "
+        "train.batch_size=64\n" in out
+    )
 
     # Same command again: nothing to do.
     run_search(cfg_for(tiny_space, "trials=4"))

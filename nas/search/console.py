@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial
 
 from nas import trial_states
+from nas.cli import CONF_DIR, default_tracking_uri
 from nas.objectives import StudyObjective
 from nas.search.objective import TrialOutcome
 from nas.train.run import recipe, recipe_overrides
 from nas.urls import mask_url
 
 DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
-DEFAULT_TRACKING = "sqlite:///outputs/mlflow.db"
+
+
+def default_batch_size(data: DictConfig) -> int:
+    """What ``train.batch_size`` is for this data set when nobody sets it (conf/train/default.yaml's rule)."""
+    rule = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "train" / "default.yaml"))["batch_size"]
+    return int(OmegaConf.create({"data": OmegaConf.to_container(data), "batch_size": rule}).batch_size)
 
 
 def retrain_command(cfg: DictConfig, study_name: str) -> str:
@@ -25,9 +32,11 @@ def retrain_command(cfg: DictConfig, study_name: str) -> str:
     if root not in (None, "data"):
         parts.append(f"data.root={root}")
     parts.append(recipe_overrides(recipe(cfg)))
+    if int(cfg.train.batch_size) != default_batch_size(cfg.data):
+        parts.append(f"train.batch_size={int(cfg.train.batch_size)}")
     if str(cfg.study.storage) != DEFAULT_STORAGE:
         parts.append(f"study.storage={mask_url(str(cfg.study.storage))}")
-    if str(cfg.mlflow.tracking_uri) != DEFAULT_TRACKING:
+    if str(cfg.mlflow.tracking_uri) != default_tracking_uri():
         parts.append(f"mlflow.tracking_uri={mask_url(str(cfg.mlflow.tracking_uri))}")
     return " ".join(p for p in parts if p)
 
