@@ -22,7 +22,7 @@ DEFAULT_STORAGE = "sqlite:///outputs/optuna.db"
 def default_batch_size(data: DictConfig) -> int:
     """What ``train.batch_size`` is for this data set when nobody sets it (conf/train/default.yaml's rule)."""
     rule = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "train" / "default.yaml"))["batch_size"]
-    return int(OmegaConf.create({"data": OmegaConf.to_container(data), "batch_size": rule}).batch_size)
+    return int(OmegaConf.create({"data": OmegaConf.to_container(data, resolve=True), "batch_size": rule}).batch_size)
 
 
 def retrain_command(cfg: DictConfig, study_name: str) -> str:
