@@ -73,6 +73,7 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_sums = torch.zeros(3)
         self._epoch_steps = 0
         self._epoch_images = 0
+        self._finite_checked = False
         # A captured step owns the optimizer and schedule, so Lightning must not step them itself.
         self.cuda_graph = cuda_graph
         self.automatic_optimization = not cuda_graph
@@ -131,6 +132,7 @@ class ClassifierModule(pl.LightningModule):
             self._epoch_sums = torch.zeros(3, device=self.device)
         self._epoch_sums.zero_()
         self._epoch_steps = self._epoch_images = 0
+        self._finite_checked = False
 
     def on_train_end(self) -> None:
         self.release_graph()
@@ -143,15 +145,18 @@ class ClassifierModule(pl.LightningModule):
             self._graphed = None
 
     def _check_finite(self) -> None:
-        if self._epoch_steps and bool(self._epoch_sums[2] > 0):
-            raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
+        """One host sync per epoch: at validation, or at the epoch's end where nothing validates."""
+        if self._epoch_steps and not self._finite_checked:
+            self._finite_checked = True
+            if bool(self._epoch_sums[2] > 0):
+                raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
 
     def on_validation_epoch_start(self) -> None:
         # Validation runs inside the training epoch: stop before evaluating a diverged network.
         self._check_finite()
 
     def on_train_epoch_end(self) -> None:
-        # And where nothing validates (a retrain on train+val), at the end of every epoch.
+        # A retrain on train+val validates nothing: the check happens here instead.
         self._check_finite()
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric: MulticlassAccuracy) -> None:
