@@ -99,9 +99,10 @@ def subprocess_env() -> dict[str, str]:
 
 
 # A search small enough for CPU tests: digits, one short epoch, few latency repeats, no plots
-# (5 s per search; test_search and test_retrain check them).
+# and no finalist round (5 s per search; test_search, test_finalists and test_retrain check them).
 FAST = (
     "search.plots=false",
+    "search.finalists=0",  # the finalist round has tests of its own
     "data=digits",
     "train.epochs=1",
     "data.repeat=1",

@@ -8,10 +8,10 @@ import optuna
 import pytest
 
 from nas.errors import NasError
-from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
+from nas.search.hparams import resolve_hparams, sample_hparams
 from nas.space import decode
 from nas.train.module import param_groups
-from nas.train.run import make_module
+from nas.train.run import apply_hparams, make_module
 from tests.conftest import TINY_ARCH, compose_cfg
 
 

@@ -65,10 +65,18 @@ def test_two_workers_share_a_sqlite_study_with_a_budget(in_tmp, tiny_space):
     cfg = compose_cfg(f"+space={tiny_space}", *FAST)
     budget = budget_at_percentile(tiny_space, cfg, 0.4)  # most draws are over it: trained networks must still add up
     result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=5", "search.workers=2",
-                                    f"latency.budget_ms={budget}"))  # fmt: skip
+                                    f"latency.budget_ms={budget}", "search.finalists=2",
+                                    "search.finalist_epochs=1"))  # fmt: skip
     assert result.exit_code == 0
     _check_exact(result.study, f"sqlite:///{in_tmp}/outputs/mlflow.db", 5)
     assert any(t.user_attrs.get("state") == "infeasible" for t in result.study.trials)
+    # The finalist round ran in the same two processes: each (finalist, seed) run trained exactly once.
+    jobs = optuna.load_study(study_name="tiny-digits.finalists", storage="sqlite:///outputs/optuna.db").trials
+    trained = [t for t in jobs if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["key"] for t in trained) == sorted({t.user_attrs["key"] for t in trained})
+    assert len(trained) == 4 and {t.user_attrs["worker"] for t in trained} == {0, 1}
+    assert all(t.user_attrs.get("state") == "surplus" for t in jobs if t.state != TrialState.COMPLETE)
+    assert result.study.user_attrs["finalist_round"]["winner"] is not None
 
 
 def test_two_workers_share_a_postgresql_study_with_the_password_from_pgpassword(in_tmp, tiny_space, monkeypatch):

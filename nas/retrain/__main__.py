@@ -15,7 +15,11 @@ def main(cfg: DictConfig) -> None:
 
     r = retrain(cfg)
     print(f"retrained {r.selection.arch.encode()}")
-    source = f"study {r.selection.study}, trial {r.selection.trial}" if r.selection.study else r.selection.how
+    sel = r.selection
+    won = " (finalist round winner)" if sel.how == "finalist" else ""
+    source = f"study {sel.study}, trial {sel.trial}{won}" if sel.study else sel.how
+    if sel.note:
+        print(f"  note: {sel.note}")
     budget = "" if r.budget_ms is None else f" (budget {r.budget_ms:g} ms{': OVER' if r.over_budget else ''})"
     latency = f"latency {r.latency_ms:.4f} ms{budget}"
     print(f"  source: {source}; test_acc {r.test_acc:.4f}; {latency}; MLflow run {r.run_id}")

@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import lightning.pytorch as pl
 import mlflow
 import numpy as np
 import optuna
@@ -20,14 +21,14 @@ from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.latency.measure import LatencySettings
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
-from nas.retrain.select import Selection, from_run, from_study, get_trial_run, latest_study
-from nas.search.hparams import apply_hparams
-from nas.search.study import make_storage
+from nas.retrain.select import Selection, from_run, from_study, get_trial_run
 from nas.space import Arch, arch_from_text
+from nas.studies import identity_diffs, load_search_study, make_storage, search_study_names
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
 from nas.train.module import NonFiniteLossError
 from nas.train.run import (
+    apply_hparams,
     check_train_cfg,
     load_splits,
     make_datamodule,
@@ -81,7 +82,7 @@ def _study_of_run(cfg: DictConfig, name: str | None) -> optuna.Study | None:
     if not name:
         return None
     storage = make_storage(cfg)
-    return optuna.load_study(study_name=name, storage=storage) if name in optuna.get_all_study_names(storage) else None
+    return optuna.load_study(study_name=name, storage=storage) if name in search_study_names(storage) else None
 
 
 def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Selection, str | None]:
@@ -98,9 +99,7 @@ def select(cfg: DictConfig, client: MlflowClient, image_size: int) -> tuple[Sele
         parent = run.data.tags.get("mlflow.parentRunId")
         space = client.get_run(parent).data.params.get("space") if parent else None
         return sel, space
-    storage = make_storage(cfg)
-    name = cfg.study.name or latest_study(storage)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = load_search_study(cfg, make_storage(cfg))
     check_same_setup(study, cfg)
     sel = from_study(study, str(cfg.select), cfg.latency.budget_ms, searched_hparam_keys(study, cfg))
     sel.identity = study.user_attrs.get("identity", {})
@@ -112,12 +111,12 @@ def check_same_setup(study: optuna.Study, cfg: DictConfig) -> None:
     something only with the optimizer and schedule it was searched with (an AdamW study's winner
     retrained by SGD at lr 0.003 would quietly underfit), and another data set is another problem."""
     stored = study.user_attrs.get("identity", {})
-    current = {"data": cfg.data.name, **recipe(cfg)}
-    diffs = [f"{k} {stored[k]} (now {current[k]})" for k in current if k in stored and stored[k] != current[k]]
+    diffs = identity_diffs(stored, {"data": cfg.data.name, **recipe(cfg)})
     if diffs:
         fix = " ".join(p for p in (f"data={stored.get('data', cfg.data.name)}", recipe_overrides(stored)) if p)
         raise NasError(
-            f"study {study.study_name!r} was searched with {', '.join(diffs)}; retrain with the same setup: add {fix}"
+            f"study {study.study_name!r} was searched with a different setup ({'; '.join(diffs)}); retrain with "
+            f"the same setup: add {fix}"
         )
 
 
@@ -152,7 +151,9 @@ def _create_run(cfg: DictConfig, client: MlflowClient, sel: Selection) -> str:
 def _fit(
     run_cfg: DictConfig, arch: Arch, dm: TensorImageDataModule, client: MlflowClient, run_id: str, train_on_val: bool
 ) -> tuple[torch.nn.Module, float]:
-    """Train, then test once; a diverged network stops here, before anything is published."""
+    """Train, then test once; a diverged network stops here, before anything is published. Seeded first, so
+    the same command gives the same weights (on the same machine and device)."""
+    pl.seed_everything(int(run_cfg.seed), workers=False, verbose=False)
     module = make_module(run_cfg, arch, dm.num_classes)
     overrides = {"limit_val_batches": 0} if train_on_val else {}
     trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)

@@ -1,4 +1,5 @@
-"""Which architecture to retrain: the best of a study, a Pareto point, an MLflow trial run, or a string."""
+"""Which architecture to retrain: a study's finalist winner or best trial, a Pareto point, an MLflow trial run,
+or a string."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
+from nas import trial_states
 from nas.errors import NasError
 from nas.objectives import ParetoObjective, objective_of
 from nas.space import Arch, decode
+from nas.studies import finalist_round
 
 
 @dataclass
@@ -24,27 +27,40 @@ class Selection:
     run_id: str | None = None
     how: str = "arch"
     identity: dict[str, Any] = field(default_factory=dict)  # the source study's setup, when known
-
-
-def latest_study(storage: Any) -> str:
-    summaries = optuna.get_all_study_summaries(storage)
-    started = [s for s in summaries if s.datetime_start is not None]
-    if not started:
-        raise NasError("no study with trials in the storage; run python -m nas.search first, or pass arch='...'")
-    return max(started, key=lambda s: s.datetime_start).study_name
+    note: str | None = None  # something the user should know about the choice
 
 
 def _hparams(trial: FrozenTrial, keys: list[str]) -> dict[str, Any]:
     return {k: v for k, v in trial.params.items() if k in keys}
 
 
+def _finalist_winner(study: optuna.Study) -> tuple[FrozenTrial | None, str | None]:
+    """The finalist round's winner, and a note when the study has trained more networks since the round."""
+    record = finalist_round(study)
+    if not record:
+        return None, None
+    if record.get("winner") is None:
+        return None, "no finalist met the latency budget when measured: the search's best is taken instead"
+    chosen = study.trials[int(record["winner"])]
+    trained = trial_states.count_trained(study)
+    note = None
+    if trained > int(record.get("trained", trained)):
+        note = (
+            f"the finalist round ran when {record['trained']} networks were trained, the study has {trained} now: "
+            "rerun the search command to bring the round up to date (select=search takes the search's best)"
+        )
+    return chosen, note
+
+
 def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam_keys: list[str]) -> Selection:
-    """``best``: the best trial by the study's own objective (for a Pareto study the most accurate feasible
-    point, within ``budget_ms`` when given); ``pareto:N``: the N-th Pareto point by latency (0 = fastest)."""
+    """``best``: the finalist round's winner where the study had one, else the best trial by the study's own
+    objective (for a Pareto study the most accurate feasible point, within ``budget_ms`` when given);
+    ``search``: that best trial even when a round ran; ``pareto:N``: the N-th Pareto point by latency."""
     goal = objective_of(study)
     ranked = goal.ranked(study)
     if not ranked:
         raise NasError(f"study {study.study_name!r} has no finished feasible trial to retrain")
+    note = None
     if select.startswith("pareto:"):
         if not isinstance(goal, ParetoObjective):
             raise NasError("select=pareto:N needs a Pareto study (search.objective=pareto); use select=best")
@@ -53,19 +69,21 @@ def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam
         if not 0 <= index < len(front):
             raise NasError(f"select={select}: the Pareto front of {study.study_name!r} has {len(front)} points (0..)")
         chosen, how = front[index], select
-    elif select == "best":
+    elif select in ("best", "search"):
+        winner, note = _finalist_winner(study) if select == "best" else (None, None)
         pool = ranked
         if isinstance(goal, ParetoObjective) and budget_ms is not None:
             pool = [t for t in ranked if t.user_attrs["latency_ms"] <= budget_ms] or ranked
-        chosen, how = pool[0], "best"
+        chosen, how = (winner, "finalist") if winner is not None else (pool[0], select)
     else:
-        raise NasError(f"select={select!r} is not 'best' or 'pareto:N'")
+        raise NasError(f"select={select!r} is not 'best', 'search' or 'pareto:N'")
     return Selection(
         arch=decode(chosen.user_attrs["arch"]),
         hparams=_hparams(chosen, hparam_keys),
         study=study.study_name,
         trial=chosen.number,
         how=how,
+        note=note,
     )
 
 

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial
 from nas import trial_states
 from nas.cli import CONF_DIR, default_tracking_uri
 from nas.objectives import StudyObjective
+from nas.search.finalists import Finalist, RoundOutcome, compare
 from nas.search.objective import TrialOutcome
 from nas.train.run import recipe, recipe_overrides
 from nas.urls import mask_url
@@ -141,3 +142,53 @@ def summary_table(trials: Sequence[FrozenTrial], goal: StudyObjective, limit: in
             f"{ua['flops'] / 1e6:>7.1f}  {ua['arch']}{name}"
         )
     return "\n".join(rows)
+
+
+def _versus(f: Finalist, references: Sequence[Finalist]) -> str:
+    parts = []
+    for r in references:
+        if r is f:
+            continue
+        diff, verdict = compare(f, r)
+        parts.append(f"{verdict} {r.candidate.reference} ({diff:+.4f})")
+    return ", ".join(parts)
+
+
+def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
+    """The finalist table, the winner, and how well the short search runs ranked the networks."""
+    s, lat = outcome.settings, outcome.latency
+    where = f"{lat.device_name()}, batch {lat.batch_size}"
+    lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs; latency measured on {where}):"]
+    lines.append(
+        f"{'trial':>5}  {'search_acc':>10}  {'final_acc (mean ± sd)':>21}  {'predicted':>9} -> measured ms "
+        f"(p10-p90)        {'params':>6}  vs references"
+    )
+    for f in outcome.finalists:
+        c = f.candidate
+        over = " OVER" if f.over_budget else ""
+        mark = "*" if f is outcome.winner else " "
+        lines.append(
+            f"{c.trial:>4}{mark}  {c.search_acc:>10.4f}  {f.mean:>12.4f} ± {f.sd:.4f}  {c.predicted_ms:>9.3f} -> "
+            f"{f.measured_ms:>8.3f} ({f.p10_ms:.3f}-{f.p90_ms:.3f}){over:<5}  {human_count(c.params):>6}  "
+            f"{_versus(f, outcome.references) or '-'}{f'  [{c.reference}]' if c.reference else ''}"
+        )
+    for failure in outcome.failed:
+        lines.append(f"  not finished: {failure}")
+    if outcome.winner:
+        w = outcome.winner
+        budget = f" within the {goal.budget_ms:g} ms budget" if goal.hard_budget else ""
+        lines.append(
+            f"winner: {w.candidate.name} (*): {w.mean:.4f} ± {w.sd:.4f} over {len(w.accs)} run(s), measured "
+            f"{w.measured_ms:.3f} ms{budget}: nas.retrain select=best retrains it"
+        )
+    else:
+        lines.append(
+            f"no finalist's measured latency is within the {goal.budget_ms:g} ms budget: the latency estimate is "
+            "optimistic here (check it: python -m nas.latency validate); nas.retrain falls back to the search's best"
+        )
+    tau = "-" if outcome.kendall_tau is None else f"{outcome.kendall_tau:+.2f}"
+    lines.append(
+        f"proxy fidelity: Kendall tau {tau} between search and finalist accuracy over {len(outcome.finalists)} "
+        "networks (+1: the short search runs rank networks as the longer ones do)"
+    )
+    return lines

@@ -62,11 +62,3 @@ def sample_hparams(trial: optuna.Trial, spec: Mapping[str, Any]) -> dict[str, An
         else:
             values[key] = trial.suggest_categorical(key, list(dist["choices"]))
     return values
-
-
-def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` with the sampled values written at their keys."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key, value in values.items():
-        OmegaConf.update(out, key, value, merge=False)
-    return out

@@ -25,14 +25,14 @@ from nas.latency.estimator import LatencyEstimator
 from nas.models import arch_params, cost
 from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
-from nas.search.hparams import apply_hparams, resolve_hparams, sample_hparams
+from nas.search.hparams import resolve_hparams, sample_hparams
 from nas.search.interrupts import SearchInterrupted
 from nas.search.pruning import ReportToPruner
 from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
 from nas.train.module import NonFiniteLossError
-from nas.train.run import make_datamodule, train_arch
+from nas.train.run import apply_hparams, make_datamodule, train_arch
 
 CONSTRAINT_KEY = "latency_ms_over_budget"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from nas.latency.table import LatencyTable
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
+from nas.search.finalists import FinalistRound, FinalistTraining, RoundSettings, open_round_study, work_through
 from nas.search.hparams import resolve_hparams
 from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed, free_trial_memory
@@ -27,7 +29,6 @@ from nas.search.study import (
     enqueue_references,
     make_pruner,
     make_sampler,
-    make_storage,
     open_study,
     study_identity,
     study_name,
@@ -40,11 +41,15 @@ from nas.search.summary import (
     SearchResult,
     finish,
 )
+from nas.search.waiting import RunningTrialsWait
 from nas.space import Space, require_space
+from nas.studies import FINALISTS_SUFFIX, make_storage
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
 from nas.train.run import check_train_cfg, load_splits
 from nas.urls import mask_url
+
+PHASES = ("search", "finalists")  # search.phase: what a worker process does
 
 
 def parse_trials(value: Any) -> int:
@@ -91,10 +96,58 @@ def _data_identity(cfg: DictConfig, splits: Any) -> dict[str, Any]:
     return {"root": None if root is None else str(root), "fingerprint": splits.fingerprint(), "image_size": f"{h}x{w}"}
 
 
-def run_search(cfg: DictConfig) -> SearchResult:
+@dataclass
+class Session:
+    """One process's share of a search: the study, its tracking, and what every trial and finalist run needs."""
+
+    cfg: DictConfig
+    study: optuna.Study
+    created: bool
+    tracker: StudyTracker
+    objective: Objective
+    storage: Any
+    plans: list[workers.WorkerPlan]
+    target: int
+    rounds: RoundSettings
+
+    @property
+    def worker(self) -> bool:
+        return self.cfg.search.role == "worker"
+
+    @property
+    def goal(self) -> StudyObjective:
+        return self.objective.goal
+
+    def finalist_round(self) -> FinalistRound:
+        o = self.objective
+        return FinalistRound(
+            self.cfg, self.study, self.tracker, o.goal, self.rounds, o.estimator.settings, o.num_classes, self.storage
+        )
+
+    def train_finalists(self, round_study: optuna.Study) -> None:
+        training = FinalistTraining(self.cfg, self.tracker, self.objective.datamodule)
+        work_through(round_study, training, self.storage, int(self.cfg.search.heartbeat_s))
+
+
+def check_phase(cfg: DictConfig) -> str:
+    phase = cfg.search.get("phase", "search")
+    if phase not in PHASES:
+        raise NasError(f"search.phase={phase!r} is not one of {', '.join(PHASES)}")
+    if phase == "finalists" and cfg.search.role != "worker":
+        raise NasError(
+            "search.phase=finalists is for workers joining a running finalist round (with search.role=worker); "
+            "rerun the search command itself to run or resume the round"
+        )
+    return str(phase)
+
+
+def open_session(cfg: DictConfig) -> Session:
+    """Check everything that can be checked, then load the data and open (or resume) the study and its run."""
     target = parse_trials(cfg.trials)
     cfg = with_group_files(cfg)
     check_search_cfg(cfg)
+    check_phase(cfg)
+    rounds = RoundSettings.from_cfg(cfg)
     goal = objective_from_cfg(cfg)
     make_sampler(cfg)  # a sampler or pruner file that cannot be made fails here, before any data is loaded
     make_pruner(cfg, goal)
@@ -126,70 +179,76 @@ def run_search(cfg: DictConfig) -> SearchResult:
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
-    who = f"worker {worker_index(cfg)}: " if worker else ""
+    return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds)
+
+
+def run_search(cfg: DictConfig) -> SearchResult:
+    s = open_session(cfg)
+    study, cfg, o = s.study, s.cfg, s.objective
+    who = f"worker {worker_index(cfg)}: " if s.worker else ""
     print(
-        f"{who}study {study.study_name} ({'new' if created else 'resumed'}, {trial_states.count_trained(study)}/"
-        f"{target} networks trained) on {mask_url(str(cfg.study.storage))}; space {space.name}; data {cfg.data.name}; "
-        f"objective {goal.describe()}; latency on {estimator.settings.device_name()}",
+        f"{who}study {study.study_name} ({'new' if s.created else 'resumed'}, {trial_states.count_trained(study)}/"
+        f"{s.target} networks trained) on {mask_url(str(cfg.study.storage))}; space {o.space.name}; data "
+        f"{cfg.data.name}; objective {s.goal.describe()}; latency on {o.estimator.settings.device_name()}",
         flush=True,
     )
-    if workers.needs_processes(plans):
-        return _run_workers(cfg, study, tracker, plans, target, goal)
+    if check_phase(cfg) == "finalists":
+        return _finalist_worker(s)
+    if workers.needs_processes(s.plans):
+        return _run_workers(s)
     try:
         with signals_interrupt_search():
-            stopped = _trial_loop(cfg, study, tracker, objective, target, storage)
+            stopped = _trial_loop(cfg, study, s.tracker, o, s.target, s.storage)
     except (SearchInterrupted, KeyboardInterrupt) as exc:
-        return _interrupted(exc, study, tracker, objective, target, worker)
-    if worker:  # the main process relays this line and names it in its own summary
+        return _interrupted(exc, study, s.tracker, o, s.target, s.worker)
+    if s.worker:  # the main process relays this line and names it in its own summary
         if stopped:
             print(f"error: {stopped[1]}", file=sys.stderr, flush=True)
-        return SearchResult(study, tracker, stopped[0] if stopped else 0, stopped[1] if stopped else "")
-    return finish(study, tracker, cfg, goal, stopped)
+        return SearchResult(study, s.tracker, stopped[0] if stopped else 0, stopped[1] if stopped else "")
+    return _conclude(s, stopped, s.train_finalists)
 
 
-class RunningTrialsWait:
-    """Waiting at the end of a search for trials that other processes run, or that a killed one left RUNNING.
+def _finalist_worker(s: Session) -> SearchResult:
+    """A worker of the finalist round: train queued finalist runs until none is left."""
+    names = optuna.get_all_study_names(s.storage)
+    name = s.study.study_name + FINALISTS_SUFFIX
+    if name in names:
+        try:
+            with signals_interrupt_search():
+                s.train_finalists(open_round_study(s.study, s.storage, int(s.cfg.seed)))
+        except (SearchInterrupted, KeyboardInterrupt):
+            return SearchResult(s.study, s.tracker, 130, "interrupted in the finalist round")
+    else:
+        print(f"no finalist round of study {s.study.study_name} to join yet", flush=True)
+    return SearchResult(s.study, s.tracker, 0, "")
 
-    Optuna fails a trial whose heartbeat is older than the grace period, but a process killed between
-    ``ask()`` and its first heartbeat leaves a trial with none, which it never reclaims: every rerun would
-    wait for ever. After two grace periods without progress, each trial still waited for gets one
-    heartbeat recorded (harmless for a live trial, whose own thread keeps beating), so Optuna's rule
-    applies to it and the wait ends within one more grace period.
-    """
 
-    def __init__(self, storage: Any, study_name: str, heartbeat_s: int, announce: bool) -> None:
-        self.storage = storage
-        self.study_name = study_name
-        self.grace = 2 * heartbeat_s
-        self.announce = announce
-        self.since: float | None = None
-        self.nudged: set[int] = set()
+def _conclude(s: Session, stopped: tuple[int, str] | None, train: Callable[[optuna.Study], object]) -> SearchResult:
+    """After a search that ran to its end: the finalist round (``train`` runs its queue), then the summary."""
+    outcome = None
+    if not stopped and s.rounds.count:
+        round_ = s.finalist_round()
+        try:
+            with signals_interrupt_search():
+                done = round_.prepare()
+                if round_.round_study is not None:
+                    print(round_.describe(done), flush=True)
+                    train(round_.round_study)
+                    outcome = round_.conclude()
+        except (SearchInterrupted, KeyboardInterrupt) as exc:
+            return _interrupted_round(exc, s)
+        if outcome is not None:
+            outcome.runs = round_.runs()
+    return finish(s.study, s.tracker, s.cfg, s.goal, stopped, outcome)
 
-    def reset(self) -> None:
-        self.since = None
 
-    def step(self, running: list[int]) -> None:
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-            if self.announce:
-                print(
-                    f"waiting for {len(running)} running trial(s) {running} (another worker, or left by a killed "
-                    f"run: such trials are retried after {self.grace} s without heartbeat)",
-                    flush=True,
-                )
-        elif now - self.since > 2 * self.grace:
-            study_id = self.storage.get_study_id_from_name(self.study_name)
-            for number in sorted(set(running) - self.nudged):
-                trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-                self.storage.record_heartbeat(trial_id)
-                self.nudged.add(number)
-                print(
-                    f"trial {number} made no progress for {now - self.since:.0f} s: if its process is gone (killed "
-                    f"before its first heartbeat) it is failed and retried in {self.grace} s",
-                    flush=True,
-                )
-        time.sleep(max(1.0, min(5.0, self.grace / 2)))
+def _interrupted_round(exc: BaseException, s: Session) -> SearchResult:
+    signame = _signame(exc)
+    message = (
+        f"interrupted by {signame} in the finalist round: the search's trials and the finished finalist runs are "
+        f"kept. Rerun the same command to resume the round"
+    )
+    return _stopped_by_signal(s.study, s.tracker, signame, message)
 
 
 def _trial_loop(
@@ -247,32 +306,31 @@ def _trial_loop(
             running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
-def _run_workers(
-    cfg: DictConfig,
-    study: optuna.Study,
-    tracker: StudyTracker,
-    plans: list[workers.WorkerPlan],
-    target: int,
-    goal: StudyObjective,
-) -> SearchResult:
-    """Start the worker processes, wait for them, then summarise the study as one search."""
-    where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in plans)
-    print(f"starting {len(plans)} worker processes ({where})", flush=True)
-    folder = Path("outputs") / "workers" / study.study_name
-    started = workers.spawn(cfg, plans, folder)
+def _spawn_and_wait(s: Session, extra: tuple[str, ...] = ()) -> tuple[list[int], list[workers.Worker]]:
+    """Start the worker processes and wait for them; a signal is passed on to them before it is raised here."""
+    where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in s.plans)
+    print(f"starting {len(s.plans)} worker processes ({where})", flush=True)
+    folder = Path("outputs") / "workers" / s.study.study_name
+    started = workers.spawn(s.cfg, s.plans, folder, extra)
     try:
         with signals_interrupt_search():
-            codes = workers.wait_all(started)
+            return workers.wait_all(started), started
     except SearchInterrupted as exc:
         workers.wait_all(started, forward=exc.signame)
-        with contextlib.suppress(TrackingError):
-            tracker.close_parent("KILLED")
+        raise
+
+
+def _run_workers(s: Session) -> SearchResult:
+    """Start the worker processes, wait for them, then run the finalist round with them and summarise."""
+    study, target = s.study, s.target
+    try:
+        codes, started = _spawn_and_wait(s)
+    except SearchInterrupted as exc:
         message = (
             f"interrupted by {exc.signame}: workers stopped, running trials recorded as failed; "
             f"{trial_states.count_trained(study)}/{target} networks trained. Rerun the same command to resume"
         )
-        print(f"\n{message}", file=sys.stderr, flush=True)
-        return SearchResult(study, tracker, exc.exit_code, message)
+        return _stopped_by_signal(study, s.tracker, exc.signame, message)
     stopped = None
     trained = trial_states.count_trained(study)
     if trained < target:
@@ -285,22 +343,33 @@ def _run_workers(
                 f"rerun the same command to resume"
             ),
         )
-    return finish(study, tracker, cfg, goal, stopped)
+    return _conclude(s, stopped, lambda _: _spawn_and_wait(s, ("search.phase=finalists",)))
+
+
+def _signame(exc: BaseException) -> str:
+    cause = exc if isinstance(exc, SearchInterrupted) else exc.__cause__
+    return cause.signame if isinstance(cause, SearchInterrupted) else "SIGINT"
+
+
+def _stopped_by_signal(
+    study: optuna.Study, tracker: StudyTracker, signame: str, message: str, close_parent: bool = True
+) -> SearchResult:
+    """The study run ends KILLED (by the main process only), and the reason is said once, on stderr."""
+    if close_parent:
+        with contextlib.suppress(TrackingError):
+            tracker.close_parent("KILLED")
+    print(f"\n{message}", file=sys.stderr, flush=True)
+    return SearchResult(study, tracker, EXIT_CODES.get(signame, 130), message)
 
 
 def _interrupted(
     exc: BaseException, study: optuna.Study, tracker: StudyTracker, objective: Objective, target: int, worker: bool
 ) -> SearchResult:
-    cause = exc if isinstance(exc, SearchInterrupted) else exc.__cause__
-    signame = cause.signame if isinstance(cause, SearchInterrupted) else "SIGINT"
+    signame = _signame(exc)
     last = objective.outcomes[-1] if objective.outcomes else None
     what = f"trial {last.number} recorded as failed; " if last and last.reason and "interrupted" in last.reason else ""
-    if not worker:
-        with contextlib.suppress(TrackingError):
-            tracker.close_parent("KILLED")
     message = (
         f"interrupted by {signame}: {what}{trial_states.count_trained(study)}/{target} networks trained. "
         f"Rerun the same command to resume"
     )
-    print(f"\n{message}", file=sys.stderr, flush=True)
-    return SearchResult(study, tracker, EXIT_CODES.get(signame, 130), message)
+    return _stopped_by_signal(study, tracker, signame, message, close_parent=not worker)

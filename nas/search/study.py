@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from nas import trial_states
@@ -23,8 +23,8 @@ from nas.errors import NasError
 from nas.objectives import StudyObjective
 from nas.search.pruning import EvidencePruner
 from nas.space import Space
+from nas.studies import identity_diffs
 from nas.train.run import recipe
-from nas.urls import mask_url
 
 GROUPS = ("sampler", "pruner")  # config groups under search/: a YAML file per Optuna class
 
@@ -127,32 +127,6 @@ def make_pruner(cfg: DictConfig, objective: StudyObjective) -> optuna.pruners.Ba
     return EvidencePruner(pruner, int(cfg.search.startup_trials), int(cfg.search.pruning_warmup_epochs))
 
 
-def make_storage(cfg: DictConfig) -> RDBStorage:
-    """An RDB storage with heartbeats, so a worker killed with -9 leaves no trial RUNNING forever."""
-    url = str(cfg.study.storage)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy database instead of failing
-    heartbeat = int(cfg.search.heartbeat_s)
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except Exception as exc:  # sqlalchemy OperationalError, ArgumentError, missing driver ...
-        reason = str(exc).splitlines()[0][:300]
-        raise NasError(
-            f"cannot open the study storage {mask_url(url)}: {reason}. Check study.storage (for PostgreSQL: "
-            f"the server runs and the URL, user and password are right), or use the default "
-            f"study.storage=sqlite:///outputs/optuna.db"
-        ) from None
-
-
 def space_fingerprint(space: Space) -> str:
     fields = asdict(space)
     fields.pop("path", None)
@@ -205,19 +179,6 @@ def study_identity(
         "train.batch_size": int(cfg.train.batch_size),
         **recipe(cfg),
     }
-
-
-def identity_diffs(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that changed. Keys a study was created without (an older
-    version of nas) are not held against it; the data's root alone may change (the same files moved)."""
-    diffs = [
-        f"{k}: {stored[k]!r} -> {v!r}"
-        for k, v in current.items()
-        if k in stored and stored[k] != v and k != "data.root"
-    ]
-    if any(d.startswith("data.fingerprint") for d in diffs) and stored.get("data.root") != current.get("data.root"):
-        diffs.insert(0, f"data.root: {stored.get('data.root')!r} -> {current.get('data.root')!r}")
-    return diffs
 
 
 def open_study(

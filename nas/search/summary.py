@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 from nas import trial_states
 from nas.objectives import ParetoObjective, StudyObjective
 from nas.report import publish_plots
-from nas.search.console import retrain_command, summary_line, summary_table
+from nas.search.console import retrain_command, round_summary, summary_line, summary_table
+from nas.search.finalists import RoundOutcome, log_round
 from nas.tracking.trials import StudyTracker, TrackingError
 from nas.urls import mask_url
 
@@ -101,7 +102,14 @@ def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
     )
 
 
-def _record_study(study: optuna.Study, tracker: StudyTracker, goal: StudyObjective, plots: bool, failed: bool) -> None:
+def _record_study(
+    study: optuna.Study,
+    tracker: StudyTracker,
+    goal: StudyObjective,
+    plots: bool,
+    failed: bool,
+    outcome: RoundOutcome | None,
+) -> None:
     """Everything the study's MLflow run gets at the end; raises TrackingError when the server is gone."""
     counts = trial_states.counts(study)
     if tracker.parent_run_id:
@@ -117,13 +125,20 @@ def _record_study(study: optuna.Study, tracker: StudyTracker, goal: StudyObjecti
         _log_best(study, tracker, goal, best)
     if isinstance(goal, ParetoObjective):
         _log_front(tracker, goal.front(study))
+    if outcome is not None:
+        log_round(tracker, outcome)
     if plots:
         publish_plots(study, tracker, goal)
     tracker.close_parent("FAILED" if failed else "FINISHED")
 
 
 def finish(
-    study: optuna.Study, tracker: StudyTracker, cfg: DictConfig, goal: StudyObjective, stopped: tuple[int, str] | None
+    study: optuna.Study,
+    tracker: StudyTracker,
+    cfg: DictConfig,
+    goal: StudyObjective,
+    stopped: tuple[int, str] | None,
+    outcome: RoundOutcome | None = None,
 ) -> SearchResult:
     counts = trial_states.counts(study)
     best = goal.ranked(study)
@@ -133,6 +148,8 @@ def finish(
     if isinstance(goal, ParetoObjective):
         front = goal.front(study)
         lines += [f"Pareto front (accuracy vs latency): {len(front)} trials", summary_table(front, goal, len(front))]
+    if outcome is not None:
+        lines += ["", *round_summary(outcome, goal)]
     code, message = 0, ""
     trained = counts[trial_states.COMPLETE] + counts[trial_states.PRUNED]
     if not trained and counts[trial_states.OVER_BUDGET] and goal.hard_budget:
@@ -140,7 +157,7 @@ def finish(
     if stopped:
         code, message = stopped
     try:
-        _record_study(study, tracker, goal, bool(cfg.search.plots), failed=bool(code))
+        _record_study(study, tracker, goal, bool(cfg.search.plots), bool(code), outcome)
     except TrackingError as exc:  # the study itself is safe in its storage: say so, once, and go on
         unrecorded = f"the study's results are in {mask_url(str(cfg.study.storage))}, but {exc}"
         code, message = (code, f"{message}; {unrecorded}") if code else (EXIT_TRACKING, unrecorded)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +133,8 @@ def _relay(worker: Worker) -> None:
         sys.stderr.flush()
 
 
-def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[Worker]:
-    """Start the workers with this exact (resolved) configuration."""
+def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path, extra: Sequence[str] = ()) -> list[Worker]:
+    """Start the workers with this exact (resolved) configuration, and ``extra`` overrides."""
     secrets = write_worker_config(cfg, folder)
     started = []
     for p in plans:
@@ -151,6 +152,7 @@ def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path) -> list[Worker
             "search.trials_per_gpu=1",
             f"search.worker_index={p.index}",
             f"hydra.run.dir={folder / f'worker-{p.index}'}",
+            *extra,
         ]
         env = worker_env(p, len(plans), dict(os.environ), secrets)
         process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)

@@ -167,24 +167,58 @@ class StudyTracker:
 
     @tracked
     def log_parent_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        """MLflow's table layout (``columns`` + ``data`` rows, shown as a table in its UI), written whole: its
+        ``log_table`` appends to an existing file, and a resumed study's end would repeat every row."""
         if self.parent_run_id:
-            self.client.log_table(self.parent_run_id, dict(table), artifact_file)
+            rows = [list(row) for row in zip(*table.values(), strict=True)]
+            self.client.log_dict(self.parent_run_id, {"columns": list(table), "data": rows}, artifact_file)
 
     # -- one trial ------------------------------------------------------------------------------
-    @tracked
-    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        all_tags = {
-            "nas.study": self.study_name,
-            "nas.kind": "trial",
-            "optuna.trial_number": str(number),
-            "nas.state": "running",
-            **tags,
-        }
-        if self.parent_run_id:
-            all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=all_tags)
+    def _start(self, name: str, parent: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        all_tags = {"nas.study": self.study_name, **tags}
+        if parent:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
+
+    @tracked
+    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        tags = {"nas.kind": "trial", "nas.stage": "search", "optuna.trial_number": str(number),
+                "nas.state": "running", **tags}  # fmt: skip
+        return self._start(f"trial-{number}", self.parent_run_id, params, tags)
+
+    # -- the finalist round: a run per finalist under the study's run, a run per seed under that --------
+    @tracked
+    def start_finalist(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        tags = {"nas.kind": "finalist", "nas.stage": "finalist", "optuna.trial_number": str(number), **tags}
+        return self._start(f"finalist-{number}", self.parent_run_id, params, tags)
+
+    @tracked
+    def start_finalist_seed(self, finalist_run_id: str, number: int, seed: int, params: Mapping[str, Any]) -> str:
+        tags = {"nas.kind": "finalist_seed", "nas.stage": "finalist", "optuna.trial_number": str(number),
+                "nas.seed": str(seed), "nas.state": "running"}  # fmt: skip
+        return self._start(f"finalist-{number}-seed-{seed}", finalist_run_id, params, tags)
+
+    @tracked
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    @tracked
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @tracked
+    def close_orphan_seed_runs(self) -> int:
+        """End finalist seed runs left RUNNING by a killed worker: called once no finalist trains."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`nas.study` = '{self.study_name}' and tags.`nas.kind` = 'finalist_seed' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            self.end_trial(run.info.run_id, "killed", "KILLED", "the process training this seed was killed")
+        return len(runs)
 
     @tracked
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
@@ -94,6 +94,14 @@ def recipe_overrides(stored: dict[str, str | None]) -> str:
                 choices.append(f"train/{group}={path.stem}")
                 break
     return " ".join(choices)
+
+
+def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with the sampled values written at their keys."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in values.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
 
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
