@@ -40,7 +40,8 @@ def _finalist_winner(study: optuna.Study) -> tuple[FrozenTrial | None, str | Non
     if not record:
         return None, None
     if record.get("winner") is None:
-        return None, "no finalist met the latency budget when measured: the search's best is taken instead"
+        why = record.get("no_winner_reason") or "no finalist met the latency budget when measured"
+        return None, f"{why} in the study's finalist round: the search's best is taken instead"
     chosen = study.trials[int(record["winner"])]
     trained = trial_states.count_trained(study)
     note = None

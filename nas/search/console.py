@@ -160,17 +160,18 @@ def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
     where = f"{lat.device_name()}, batch {lat.batch_size}"
     lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs; latency measured on {where}):"]
     lines.append(
-        f"{'trial':>5}  {'search_acc':>10}  {'final_acc (mean ± sd)':>21}  {'predicted':>9} -> measured ms "
-        f"(p10-p90)        {'params':>6}  vs references"
+        f"{'trial':>5}  {'search_acc':>10}  {'final_acc (mean ± sd)':>21}  "
+        f"{'latency ms: predicted -> measured (p10-p90)':<44}  {'params':>6}  vs references"
     )
     for f in outcome.finalists:
         c = f.candidate
-        over = " OVER" if f.over_budget else ""
         mark = "*" if f is outcome.winner else " "
+        latency = f"{c.predicted_ms:.3f} -> {f.measured_ms:.3f} ({f.p10_ms:.3f}-{f.p90_ms:.3f})"
+        latency += " OVER" if f.over_budget else ""
         lines.append(
-            f"{c.trial:>4}{mark}  {c.search_acc:>10.4f}  {f.mean:>12.4f} ± {f.sd:.4f}  {c.predicted_ms:>9.3f} -> "
-            f"{f.measured_ms:>8.3f} ({f.p10_ms:.3f}-{f.p90_ms:.3f}){over:<5}  {human_count(c.params):>6}  "
-            f"{_versus(f, outcome.references) or '-'}{f'  [{c.reference}]' if c.reference else ''}"
+            f"{c.trial:>4}{mark}  {c.search_acc:>10.4f}  {f.mean:>12.4f} ± {f.sd:.4f}  {latency:<44}  "
+            f"{human_count(c.params):>6}  {_versus(f, outcome.references) or '-'}"
+            f"{f'  [{c.reference}]' if c.reference else ''}"
         )
     for failure in outcome.failed:
         lines.append(f"  not finished: {failure}")
@@ -181,11 +182,13 @@ def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
             f"winner: {w.candidate.name} (*): {w.mean:.4f} ± {w.sd:.4f} over {len(w.accs)} run(s), measured "
             f"{w.measured_ms:.3f} ms{budget}: nas.retrain select=best retrains it"
         )
-    else:
+    elif outcome.finalists:
         lines.append(
             f"no finalist's measured latency is within the {goal.budget_ms:g} ms budget: the latency estimate is "
             "optimistic here (check it: python -m nas.latency validate); nas.retrain falls back to the search's best"
         )
+    else:
+        lines.append("no finalist run finished (reasons above): nas.retrain falls back to the search's best")
     tau = "-" if outcome.kendall_tau is None else f"{outcome.kendall_tau:+.2f}"
     lines.append(
         f"proxy fidelity: Kendall tau {tau} between search and finalist accuracy over {len(outcome.finalists)} "

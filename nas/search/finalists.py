@@ -31,7 +31,7 @@ from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.errors import NasError
 from nas.latency.estimator import measure_arch
-from nas.latency.measure import LatencySettings
+from nas.latency.measure import LatencySettings, LatencyStats
 from nas.objectives import StudyObjective
 from nas.search.interrupts import SearchInterrupted
 from nas.search.objective import failure_reason, free_trial_memory
@@ -43,6 +43,9 @@ from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingErro
 from nas.train.run import apply_hparams, train_arch
 
 DataModules = Callable[[DictConfig, int], TensorImageDataModule]  # (run config, resolution) -> data
+# A CPU latency median moves by up to ~25 % between moments on a shared machine (measured: the same network
+# 1.95 ms in the search, 2.45 ms minutes later); passes interleaved over the finalists spread that over all.
+MEASURE_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,15 @@ class RoundOutcome:
     failed: list[str]  # finalist runs that did not finish, with their reasons
     latency: LatencySettings
     runs: dict[int, str] = field(default_factory=dict)  # candidate trial -> its finalist MLflow run
+    unfinished: list[int] = field(default_factory=list)  # candidates without one finished run
+
+    @property
+    def no_winner_reason(self) -> str | None:
+        if self.winner is not None:
+            return None
+        if not self.finalists:
+            return "no finalist run finished"
+        return "no finalist met the latency budget when measured"
 
     @property
     def references(self) -> list[Finalist]:
@@ -265,6 +277,7 @@ class RoundOutcome:
         """What the search study keeps (read by ``nas.retrain select=best`` through ``nas.studies``)."""
         return {
             "winner": self.winner.candidate.trial if self.winner else None,
+            "no_winner_reason": self.no_winner_reason,
             "trained": trained,
             "kendall_tau": self.kendall_tau,
             "epochs": self.settings.epochs,
@@ -357,21 +370,23 @@ class FinalistRound:
         return {trial: run_id for trial, run_id in ids.items() if run_id}
 
     def describe(self, done: int) -> str:
-        refs = [c.reference for c in self.candidates if c.reference]
-        with_refs = f" and the reference(s) {', '.join(refs)}" if refs else ""
+        best = {t.number for t in self.goal.ranked(self.study)[: self.settings.count]}
+        among = [c.reference for c in self.candidates if c.reference and c.trial in best]
+        extra = [c.reference for c in self.candidates if c.reference and c.trial not in best]
+        who = f"the {len(best)} best trial(s)" + (f", {', '.join(among)} among them" if among else "")
+        who += f", and the reference(s) {', '.join(extra)}" if extra else ""  # type: ignore[arg-type]
         total = len(self.candidates) * self.settings.seeds
         return (
-            f"\nfinalist round: {len(self.candidates)} networks (the {self.settings.count} best trial(s){with_refs})"
-            f" x {self.settings.seeds} seed(s) x {self.settings.epochs} epochs: {total} runs, {done} "
-            "already done"
+            f"\nfinalist round: {len(self.candidates)} networks ({who}) x {self.settings.seeds} seed(s) x "
+            f"{self.settings.epochs} epochs: {total} runs, {done} already done"
         )
 
     def conclude(self) -> RoundOutcome:
         """Collect the runs, measure each finalist's latency, pick the winner, record everything."""
         assert self.round_study is not None
         finalists, failed = self._collect()
+        self._measure(finalists)
         for f in finalists:
-            self._measure(f)
             f.over_budget = self.goal.is_over_budget(f.measured_ms)  # type: ignore[arg-type]
         outcome = RoundOutcome(
             self.settings,
@@ -380,6 +395,7 @@ class FinalistRound:
             rank_correlation(finalists),
             failed,
             self.latency,
+            unfinished=[c.trial for c in self.candidates if c.trial not in {f.candidate.trial for f in finalists}],
         )
         self.study.set_user_attr(ROUND_ATTR, outcome.record(trial_states.count_trained(self.study)))
         with contextlib.suppress(TrackingError):  # the outcome is in the study; the summary says if MLflow failed
@@ -402,16 +418,26 @@ class FinalistRound:
                 failed.append(f"{c.name} seed {t.user_attrs['seed']}: {t.user_attrs['fail_reason']}")
         return [Finalist(c, accs[c.trial]) for c in self.candidates if accs[c.trial]], failed
 
-    def _measure(self, f: Finalist) -> None:
-        """Measured on the target with the study's settings, once: a rerun reads the stored figure."""
+    def _measure(self, finalists: list[Finalist]) -> None:
+        """Measured on the target with the study's settings, in ``MEASURE_PASSES`` interleaved passes over
+        the finalists: the median of the passes' medians, and the p10-p90 across them. Once: a rerun reads
+        the stored figures."""
         assert self.round_study is not None
-        attr, key = f"latency:{f.candidate.trial}", self.latency.key_fields()
-        stored = self.round_study.user_attrs.get(attr)
-        if stored is None or stored.get("key") != key:
-            stats = measure_arch(decode(f.candidate.arch), self.num_classes, self.latency)
-            stored = {"key": key, "median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms}
-            self.round_study.set_user_attr(attr, stored)
-        f.measured_ms, f.p10_ms, f.p90_ms = stored["median_ms"], stored["p10_ms"], stored["p90_ms"]
+        key = self.latency.key_fields()
+        known = self.round_study.user_attrs
+        todo = [f for f in finalists if known.get(f"latency:{f.candidate.trial}", {}).get("key") != key]
+        passes: dict[int, list[LatencyStats]] = {f.candidate.trial: [] for f in todo}
+        for _ in range(MEASURE_PASSES):
+            for f in todo:
+                passes[f.candidate.trial].append(measure_arch(decode(f.candidate.arch), self.num_classes, self.latency))
+        for trial, stats in passes.items():
+            stored = {"key": key, "median_ms": statistics.median(s.median_ms for s in stats),
+                      "p10_ms": min(s.p10_ms for s in stats), "p90_ms": max(s.p90_ms for s in stats)}  # fmt: skip
+            self.round_study.set_user_attr(f"latency:{trial}", stored)
+        attrs = self.round_study.user_attrs
+        for f in finalists:
+            stored = attrs[f"latency:{f.candidate.trial}"]
+            f.measured_ms, f.p10_ms, f.p90_ms = stored["median_ms"], stored["p10_ms"], stored["p90_ms"]
 
 
 def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:
@@ -429,6 +455,9 @@ def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:
         tracker.set_tags(run_id, {"nas.finalist.winner": str(f.candidate.trial == winner).lower(),
                                   "nas.finalist.over_budget": str(f.over_budget).lower()})  # fmt: skip
         tracker.end_trial(run_id, "complete", "FINISHED")
+    for trial in outcome.unfinished:
+        if trial in outcome.runs:
+            tracker.end_trial(outcome.runs[trial], trial_states.FAILED, "FAILED", "no finalist run finished")
     if not tracker.parent_run_id:
         return
     metrics: dict[str, float] = {"n_finalists": len(outcome.finalists)}

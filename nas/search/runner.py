@@ -216,8 +216,9 @@ def _finalist_worker(s: Session) -> SearchResult:
         try:
             with signals_interrupt_search():
                 s.train_finalists(open_round_study(s.study, s.storage, int(s.cfg.seed)))
-        except (SearchInterrupted, KeyboardInterrupt):
-            return SearchResult(s.study, s.tracker, 130, "interrupted in the finalist round")
+        except (SearchInterrupted, KeyboardInterrupt) as exc:
+            signame = _signame(exc)
+            return SearchResult(s.study, s.tracker, EXIT_CODES.get(signame, 130), f"interrupted by {signame}")
     else:
         print(f"no finalist round of study {s.study.study_name} to join yet", flush=True)
     return SearchResult(s.study, s.tracker, 0, "")
@@ -343,7 +344,12 @@ def _run_workers(s: Session) -> SearchResult:
                 f"rerun the same command to resume"
             ),
         )
-    return _conclude(s, stopped, lambda _: _spawn_and_wait(s, ("search.phase=finalists",)))
+
+    def train_in_workers(round_study: optuna.Study) -> None:
+        _spawn_and_wait(s, ("search.phase=finalists",))
+        s.train_finalists(round_study)  # whatever a worker that died left in the queue
+
+    return _conclude(s, stopped, train_in_workers)
 
 
 def _signame(exc: BaseException) -> str:
