@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nas.errors import NasError
+from nas.image_resize import RESIZE, resize_images
 from nas.models import build
 from nas.retrain.export import Preprocess, write_bundle
 from nas.space import decode
@@ -49,10 +50,12 @@ class Classifier:
             t = TF.rgb_to_grayscale(t)
         if t.shape[0] == 1 and self.pre.channels == 3:
             t = t.expand(3, -1, -1)
-        return TF.resize(t, [self.pre.resolution, self.pre.resolution], antialias=True)
+        return t
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        x = torch.stack([self._tensor(i) for i in images]).float().div(255)
+        """The training's own resize (``nas.data.augment.resize_images``), image by image (sizes may differ)."""
+        res = self.pre.resolution
+        x = torch.cat([resize_images(self._tensor(i).float().div(255).unsqueeze(0), res) for i in images])
         x = (x - self._mean) / self._std
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
@@ -129,6 +132,11 @@ def load(source: str | Path, tracking_uri: str | None = None) -> Classifier:
         raise NasError(f"{folder} is not a nas model bundle (missing {', '.join(missing)})")
     arch_text = (folder / "arch.txt").read_text().strip()
     pre = Preprocess(**json.loads((folder / "preprocess.json").read_text()))
+    if pre.resize != RESIZE:
+        raise NasError(
+            f"{folder} was made with the resize {pre.resize!r}, and this version of nas resizes with {RESIZE!r}: "
+            "load it with the nas version that made it"
+        )
     model = build(decode(arch_text), num_classes=len(pre.classes))
     model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
     return Classifier(model, pre, arch_text)

@@ -199,3 +199,65 @@ def test_real_cifar10_jpg_through_imagefolder(tmp_path):
     assert len(dm.val_split.y) == 5000 and len(dm.train_split.y) == 45_000
     # Measured statistics match the copy's README (0.4898, 0.4802, 0.4442) closely.
     torch.testing.assert_close(dm.mean.flatten(), torch.tensor([0.4898, 0.4802, 0.4442]), atol=0.01, rtol=0)
+
+
+def test_nas_load_sees_the_pixels_training_saw_when_it_resizes():
+    """One resize for training and nas.load: 32-px images at a 24-px network (a downscale, where antialiasing
+    matters) give the same network input both ways; a bundle made with another resize is refused."""
+    from nas.inference import Classifier
+    from nas.models import build
+    from nas.retrain.export import Preprocess
+    from nas.space import decode
+    from tests.conftest import TINY_ARCH
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    pre = Preprocess(resolution=24, mean=mean, std=std, channels=3, classes=["a", "b"])
+    clf = Classifier(build(decode(TINY_ARCH), 2), pre, TINY_ARCH)
+    trained_on = to_network_input(images, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1), 24)
+    served = clf.preprocess(list(images))
+    torch.testing.assert_close(served, trained_on, rtol=1e-5, atol=1e-5)
+    # Without antialiasing the same downscale gives other pixels: the check above can fail.
+    skipped = torch.nn.functional.interpolate(images.float() / 255, size=(24, 24), mode="bilinear", antialias=False)
+    assert not torch.allclose((skipped - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1),
+                              trained_on, atol=1e-3)  # fmt: skip
+
+
+def test_a_bundle_made_with_another_resize_is_refused(tmp_path):
+    import json
+
+    import nas
+    from nas.errors import NasError
+    from nas.models import build
+    from nas.retrain.export import Preprocess, write_bundle
+    from nas.space import decode
+    from tests.conftest import TINY_ARCH
+
+    arch = decode(TINY_ARCH)
+    pre = Preprocess(resolution=16, mean=[0.5] * 3, std=[0.2] * 3, channels=3, classes=["a", "b"])
+    folder = write_bundle(tmp_path / "bundle", build(arch, 2), arch, pre)
+    assert nas.load(folder).pre.resize == "bilinear-antialias"
+    meta = json.loads((folder / "preprocess.json").read_text())
+    (folder / "preprocess.json").write_text(json.dumps({**meta, "resize": "nearest"}))
+    with pytest.raises(NasError, match="made with the resize 'nearest'"):
+        nas.load(folder)
+
+
+def test_the_class_count_is_the_datas_and_a_stated_one_must_agree(in_tmp, tiny_space):
+    """The folder's two classes are what latency tables and the search use; data.num_classes=10 is refused."""
+    from nas.data.sources import class_count
+    from nas.errors import NasError
+    from nas.search.runner import run_search
+    from tests.conftest import FAST, write_image_folder
+
+    root = write_image_folder(in_tmp / "imgs", per_class=8)
+    folder = compose_cfg("data=imagefolder", f"data.root={root}")
+    assert class_count(folder.data) == 2  # counted from train/<class>/, nothing decoded
+    assert class_count(compose_cfg("data=digits").data) == 10
+    stated = ("data=imagefolder", f"data.root={root}", "data.num_classes=10")
+    with pytest.raises(NasError, match=r"data.num_classes=10 but data=imagefolder at .* has 2 classes \(cat, dog\): "
+                                       r"set data.num_classes=2, or null"):  # fmt: skip
+        run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", *stated))
+    import optuna
+
+    assert optuna.get_all_study_names("sqlite:///outputs/optuna.db") == []  # refused before any study exists

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from nas.errors import NasError
@@ -267,3 +268,26 @@ def test_mask_url_hides_passwords():
     assert mask_url("postgresql+psycopg://nas:p@ss@db/optuna") == "postgresql+psycopg://nas:***@db/optuna"
     assert mask_url("http://me:tok3n@mlflow.example:5000/") == "http://me:***@mlflow.example:5000/"
     assert mask_url("http://mlflow.example:5000") == "http://mlflow.example:5000"
+
+
+def test_one_copy_of_the_images_serves_every_resolution_of_a_space():
+    """The search's data module is built once per process: a 24-px network after a 16-px one reads the same
+    stored images, resized per batch; only a changed data setting (a searched data.* key) builds another."""
+    from nas.search.objective import Objective
+    from nas.train.run import apply_hparams, load_splits
+
+    cfg = compose_cfg(*FAST)
+    objective = Objective(cfg, None, load_splits(cfg.data), None, None, 10, None)  # data is all it needs here
+    first = objective.datamodule(cfg, 16)
+    stored = first.train_split.x.data_ptr()
+    again = objective.datamodule(apply_hparams(cfg, {"train.batch_size": 32, "seed": 3}), 24)
+    assert again is first and again.train_split.x.data_ptr() == stored
+    assert (again.resolution, again.batch_size, again.seed) == (24, 32, 3)
+    x, _ = next(iter(again.train_dataloader()))
+    assert x.shape == (32, 3, 24, 24)
+    other = objective.datamodule(apply_hparams(cfg, {"data.hflip": not cfg.data.hflip}), 16)
+    assert other is not first and other.hflip is (not cfg.data.hflip)
+    objective.release_data()
+    assert objective.splits is None
+    reloaded = objective.datamodule(cfg, 16)  # a run after the release loads the images again
+    assert objective.splits is not None and torch.equal(reloaded.train_split.x, first.train_split.x)

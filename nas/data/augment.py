@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nas.image_resize import resize_images
+
 
 def random_crop_flip(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random crop after zero padding by ``pad`` pixels, and random horizontal flip."""
@@ -31,10 +33,8 @@ def random_crop_flip(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Ge
 
 def to_network_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> normalised float (N, 3, R, R): grayscale repeated, resized when sizes differ."""
-    x = x.float().div_(255.0)
+    x = resize_images(x.float().div_(255.0), resolution)
     x = (x - mean) / std
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False)
     return x.contiguous()

