@@ -53,7 +53,7 @@ class Classifier:
         return t
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """The training's own resize (``nas.data.augment.resize_images``), image by image (sizes may differ)."""
+        """The training's own resize (``nas.image_resize.resize_images``), image by image (sizes may differ)."""
         res = self.pre.resolution
         x = torch.cat([resize_images(self._tensor(i).float().div(255).unsqueeze(0), res) for i in images])
         x = (x - self._mean) / self._std

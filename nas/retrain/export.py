@@ -27,7 +27,7 @@ class Preprocess:
     std: list[float]
     channels: int  # of the source images: 1 (grayscale, repeated to 3) or 3
     classes: list[str]
-    resize: str = RESIZE  # how images reach `resolution` (older bundles: the same name, written before it was)
+    resize: str = RESIZE  # how images reach `resolution` (bundles written before the field: read as this one)
 
 
 def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess) -> Path:
