@@ -261,3 +261,56 @@ def test_the_class_count_is_the_datas_and_a_stated_one_must_agree(in_tmp, tiny_s
     import optuna
 
     assert optuna.get_all_study_names("sqlite:///outputs/optuna.db") == []  # refused before any study exists
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop_rules():
+    from nas.data.augment import sample_crop_boxes
+
+    boxes = sample_crop_boxes(2000, 96, 128, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = w * h / (96 * 128)
+    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1.0 + 1e-6 and area.max() > 0.9 and area.min() < 0.1
+    assert (w / h).min() >= 3 / 4 - 1e-4 and (w / h).max() <= 4 / 3 + 1e-4
+    assert boxes[:, :2].min() >= 0 and (boxes[:, 2] <= 128 + 1e-4).all() and (boxes[:, 3] <= 96 + 1e-4).all()
+    # A 10x100 strip fits no square-ish crop of 90 % of its area: the widest centred crop within the ratio.
+    strip = sample_crop_boxes(3, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(strip, torch.tensor([[50 - 20 / 3, 0, 50 + 20 / 3, 10]] * 3))
+
+
+def test_random_resized_crop_gives_each_image_its_own_box_resized():
+    """A horizontal ramp (pixel value = column): each output row runs over its own box's columns."""
+    from nas.data.augment import random_resized_crop, sample_crop_boxes
+
+    ramp = torch.arange(128, dtype=torch.uint8).expand(4, 3, 96, 128)
+    out = random_resized_crop(ramp, 24, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    boxes = sample_crop_boxes(4, 96, 128, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    assert out.shape == (4, 3, 24, 24)
+    for image, (x1, _, x2, _) in zip(out, boxes.tolist(), strict=True):
+        row = image[0, 0]
+        assert x1 - 1 <= row.min() <= x1 + (x2 - x1) / 24 and x2 - (x2 - x1) / 24 - 1 <= row.max() <= x2
+        assert torch.all(row[1:] > row[:-1])  # still a ramp: resized, not shuffled
+    assert not torch.equal(out[0], out[1])  # the same image, another crop
+
+
+def test_large_images_train_with_random_resized_crops_small_ones_with_pad_crops():
+    images = torch.randint(0, 256, (40, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 2
+    from nas.data.sources import ImageSplits
+
+    splits = ImageSplits(images, labels, None, None, ["a", "b"])
+
+    def dm(**kwargs):
+        module = TensorImageDataModule("t", lambda: splits, 24, batch_size=8, val_size=8, **kwargs)
+        module.setup("fit")
+        return module
+
+    auto = dm()
+    assert auto.resized_crops(96) and not auto.resized_crops(32)
+    assert not dm(augment="padcrop").resized_crops(96) and dm(augment="resizedcrop").resized_crops(32)
+    batches = auto.train_dataloader()
+    first, second = next(iter(batches))[0], next(iter(batches))[0]
+    assert first.shape == (8, 3, 24, 24) and not torch.equal(first, second)  # a new draw every epoch
+    with pytest.raises(DataError, match=r"data\.augment='crop' is not one of auto, padcrop, resizedcrop"):
+        dm(augment="crop")
+    with pytest.raises(DataError, match=r"data\.augment='crop' is not one of"):  # the search: before decoding
+        load_splits(compose_cfg("data=digits", "data.augment=crop").data)

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 
-from nas.data.augment import random_crop_flip, to_network_input
+from nas.data.augment import SMALL_IMAGE_MAX, random_crop_flip, random_resized_crop, to_network_input
 from nas.data.sources import DataError, ImageSplits
+
+AUGMENTS = ("auto", "padcrop", "resizedcrop")  # data.augment
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,18 @@ class TensorImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         limit_train: int | None = None,
         repeat: int = 1,
+        augment: str = "auto",
+        resized_crop: dict | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
             raise DataError(f"train.batch_size must be positive, got {batch_size}")
+        if augment not in AUGMENTS:
+            raise DataError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}")
+        crop = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), **(resized_crop or {})}
+        self.augment = augment
+        self.crop_scale = (float(crop["scale"][0]), float(crop["scale"][1]))
+        self.crop_ratio = (float(crop["ratio"][0]), float(crop["ratio"][1]))
         self.name = name
         self.loader = loader
         self.resolution = resolution
@@ -149,8 +159,17 @@ class TensorImageDataModule(pl.LightningDataModule):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         return perm[n_val:].sort().values, perm[:n_val].sort().values
 
+    def resized_crops(self, image_side: int) -> bool:
+        """Whether training batches get random-resized-crop (large images) rather than pad-crop (small ones)."""
+        if self.augment == "auto":
+            return image_side > SMALL_IMAGE_MAX
+        return self.augment == "resizedcrop"
+
     def _prepare(self, x: torch.Tensor, train: bool, gen: torch.Generator | None) -> torch.Tensor:
-        if train:
+        if train and self.resized_crops(x.shape[-1]):
+            x = random_resized_crop(x, self.resolution, self.crop_scale, self.crop_ratio, gen)
+            x = random_crop_flip(x, 0, self.hflip, gen)
+        elif train:
             x = random_crop_flip(x, self.pad, self.hflip, gen)
         return to_network_input(x, self.mean, self.std, self.resolution)
 

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
-from nas.data.sources import ImageSplits, check_class_count
+from nas.data.datamodule import AUGMENTS
+from nas.data.sources import DataError, ImageSplits, check_class_count
 from nas.errors import NasError
 from nas.space import Arch
 from nas.train.graphed_step import GRAPH_OPTIMIZERS
@@ -107,6 +108,9 @@ def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
 def load_splits(data_cfg: DictConfig) -> ImageSplits:
     """Decode the configured data set (once per process; callers keep the result); its class count is the
     one every consumer uses, and a stated ``data.num_classes`` that disagrees stops here."""
+    augment = data_cfg.get("augment", "auto")
+    if augment not in AUGMENTS:  # before decoding: every trial would fail on it
+        raise DataError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}")
     splits = instantiate(data_cfg.loader)()
     check_class_count(data_cfg, splits)
     return splits
@@ -133,6 +137,8 @@ def make_datamodule(
         seed=cfg.seed,
         limit_train=cfg.train.limit_train_images,
         repeat=int(cfg.data.repeat),
+        augment=str(cfg.data.get("augment", "auto")),
+        resized_crop=OmegaConf.to_container(cfg.data.resized_crop) if cfg.data.get("resized_crop") else None,
     )
     dm.setup("fit")
     return dm
