@@ -167,6 +167,7 @@ def test_a_sampler_file_added_by_the_user_runs_through_the_command(tmp_path):
         ("data.val_size=0.25", "data.val_size: 0.2 -> 0.25"),
         ("data.repeat=2", "data.repeat: 1 -> 2"),
         ("data.split_seed=1", "data.split_seed: 0 -> 1"),
+        ("data.augment=resizedcrop", "data.augment: 'auto' -> 'resizedcrop'"),
         ("latency.threads=2", "latency.threads: 1 -> 2"),
         ("latency.batch_size=2", "latency_batch: 1 -> 2"),
         ("latency.estimator=table", "latency.estimator: 'measure' -> 'table'"),

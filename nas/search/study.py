@@ -175,6 +175,8 @@ def study_identity(
         "data.val_size": cfg.data.get("val_size"),
         "data.split_seed": cfg.data.get("split_seed"),
         "data.repeat": cfg.data.get("repeat", 1),  # passes per epoch: part of what an epoch means
+        "data.augment": cfg.data.get("augment", "auto"),
+        "data.resized_crop": OmegaConf.to_container(cfg.data.resized_crop) if cfg.data.get("resized_crop") else None,
         "train.epochs": int(cfg.train.epochs),
         "train.batch_size": int(cfg.train.batch_size),
         **recipe(cfg),
