@@ -91,10 +91,9 @@ def test_a_search_ends_with_a_finalist_round_that_retrain_takes_its_winner_from(
         assert sorted(r.data.tags["nas.seed"] for r in children) == ["0", "1"]
         assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in children)
     assert {r.data.tags["nas.stage"] for r in mlflow_runs(in_tmp, study.study_name, "trial")} == {"search"}
-    if record["kendall_tau"] is None:
-        assert "proxy_kendall_tau" not in parent.data.metrics
-    else:
-        assert parent.data.metrics["proxy_kendall_tau"] == pytest.approx(record["kendall_tau"])
+    # The reference learns digits in one epoch and the tiny networks do not: the ranks differ, tau is defined.
+    assert record["kendall_tau"] is not None
+    assert parent.data.metrics["proxy_kendall_tau"] == pytest.approx(record["kendall_tau"])
     out = capsys.readouterr().out
     n = len(expected)
     among = any(t.user_attrs.get("reference") for t in ranked[:2])

@@ -272,6 +272,14 @@ class RoundOutcome:
     def references(self) -> list[Finalist]:
         return [f for f in self.finalists if f.candidate.reference]
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per finalist: its candidate and its figures."""
+        return [
+            {**asdict(f.candidate), "val_acc_mean": f.mean, "val_acc_std": f.sd, "runs": len(f.accs),
+             "measured_ms": f.measured_ms, "p10_ms": f.p10_ms, "p90_ms": f.p90_ms, "over_budget": f.over_budget}
+            for f in self.finalists
+        ]  # fmt: skip
+
     def record(self, trained: int) -> dict[str, Any]:
         """What the search study keeps (read by ``nas.retrain select=best`` through ``nas.studies``)."""
         return {
@@ -281,12 +289,8 @@ class RoundOutcome:
             "kendall_tau": self.kendall_tau,
             "epochs": self.settings.epochs,
             "seeds": self.settings.seeds,
-            "candidates": [
-                {**asdict(f.candidate), "val_acc_mean": f.mean, "val_acc_std": f.sd, "runs": len(f.accs),
-                 "measured_ms": f.measured_ms, "p10_ms": f.p10_ms, "p90_ms": f.p90_ms, "over_budget": f.over_budget}
-                for f in self.finalists
-            ],
-        }  # fmt: skip
+            "candidates": self.rows(),
+        }
 
 
 def rank_correlation(finalists: list[Finalist]) -> float | None:
@@ -466,6 +470,6 @@ def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:
         metrics |= {"finalist_winner_trial": winner, "finalist_val_acc_mean": outcome.winner.mean,
                     "finalist_latency_ms_measured": outcome.winner.measured_ms}  # fmt: skip
     tracker.log_metrics(tracker.parent_run_id, metrics)
-    rows = [{**row, "hparams": str(row["hparams"])} for row in outcome.record(0)["candidates"]]
+    rows = [{**row, "hparams": str(row["hparams"])} for row in outcome.rows()]
     if rows:
         tracker.log_parent_table({k: [row[k] for row in rows] for k in rows[0]}, "finalists.json")

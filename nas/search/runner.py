@@ -109,6 +109,7 @@ class Session:
     plans: list[workers.WorkerPlan]
     target: int
     rounds: RoundSettings
+    phase: str  # search.phase, checked
 
     @property
     def worker(self) -> bool:
@@ -146,7 +147,7 @@ def open_session(cfg: DictConfig) -> Session:
     target = parse_trials(cfg.trials)
     cfg = with_group_files(cfg)
     check_search_cfg(cfg)
-    check_phase(cfg)
+    phase = check_phase(cfg)
     rounds = RoundSettings.from_cfg(cfg)
     goal = objective_from_cfg(cfg)
     make_sampler(cfg)  # a sampler or pruner file that cannot be made fails here, before any data is loaded
@@ -179,7 +180,7 @@ def open_session(cfg: DictConfig) -> Session:
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
-    return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds)
+    return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds, phase)
 
 
 def run_search(cfg: DictConfig) -> SearchResult:
@@ -192,7 +193,7 @@ def run_search(cfg: DictConfig) -> SearchResult:
         f"{cfg.data.name}; objective {s.goal.describe()}; latency on {o.estimator.settings.device_name()}",
         flush=True,
     )
-    if check_phase(cfg) == "finalists":
+    if s.phase == "finalists":
         return _finalist_worker(s)
     if workers.needs_processes(s.plans):
         return _run_workers(s)
