@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from nas.cli import CONF_DIR, quiet_libraries
 from nas.train.module import ClassifierModule, param_groups
-from nas.train.run import load_splits, make_datamodule, make_trainer
+from nas.train.run import load_training_data, make_datamodule, make_trainer
 
 ARCH = "nas1-r8-w0.25-stem_c8_s2_re-k3_e1_c8_s2_re-head_c16_re-fc_c16"
 EPOCHS = 3
@@ -64,7 +64,7 @@ def main() -> None:
     overrides += ["train.channels_last=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=8)
+    dm = make_datamodule(cfg, load_training_data(cfg), resolution=8)
     steps = EPOCHS * len(dm.train_dataloader())
     pipeline(cfg, dm, False), plain(cfg, dm)  # warm-up
     timed = {

@@ -23,7 +23,7 @@ from nas.cli import CONF_DIR, quiet_libraries
 from nas.data.augment import random_crop_flip, to_network_input
 from nas.space import arch_from_text
 from nas.train.module import param_groups
-from nas.train.run import load_splits, make_datamodule, make_module, make_trainer, use_channels_last
+from nas.train.run import load_training_data, make_datamodule, make_module, make_trainer, use_channels_last
 
 
 def pipeline_epoch(cfg, arch, dm) -> float:
@@ -69,7 +69,7 @@ def main(overrides: list[str]) -> None:
         graph_cfg = None  # on a GPU the pipeline is also timed with its captured training step
         if torch.cuda.is_available():
             graph_cfg = compose(config_name="config", overrides=["train.epochs=1", *overrides, "train.cuda_graph=true"])
-    splits = load_splits(cfg.data)
+    splits = load_training_data(cfg)
     arch = arch_from_text("reference:mobilenet_v3_small", int(splits.train_x.shape[-1]))
     dm = make_datamodule(cfg, splits, arch.resolution)
     images = len(dm.train_dataloader()) * dm.batch_size

@@ -11,8 +11,9 @@ import torch
 
 from nas.data.augment import random_crop_flip, to_network_input
 from nas.data.datamodule import TensorImageDataModule
-from nas.data.sources import DataError, cifar10, digits, imagefolder, svhn
-from nas.train.run import load_splits, make_datamodule
+from nas.data.folders import imagefolder
+from nas.data.sources import DataError, cifar10, digits, svhn
+from nas.train.run import load_training_data, make_datamodule
 from tests.conftest import CIFAR_JPG, compose_cfg, subprocess_env
 
 
@@ -32,7 +33,7 @@ def test_validation_split_is_disjoint_and_seeded():
 
 def test_datamodule_keeps_val_out_of_training():
     cfg = compose_cfg("data=digits")
-    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    dm = make_datamodule(cfg, load_training_data(cfg), resolution=16)
     train_rows = {tuple(r.flatten().tolist()) for r in dm.train_split.x}
     val_rows = [tuple(r.flatten().tolist()) for r in dm.val_split.x]
     # digits has a few duplicate images; at most those may coincide.
@@ -48,7 +49,7 @@ def test_datamodule_keeps_val_out_of_training():
 
 def test_train_batches_reshuffle_each_epoch_reproducibly():
     cfg = compose_cfg("data=digits", "data.repeat=1")
-    splits = load_splits(cfg.data)
+    splits = load_training_data(cfg)
     first = [b[1] for b in make_datamodule(cfg, splits, 16).train_dataloader()]
     dm = make_datamodule(cfg, splits, 16)
     loader = dm.train_dataloader()
@@ -189,7 +190,7 @@ def test_real_cifar10_jpg_through_imagefolder(tmp_path):
     if not CIFAR_JPG.is_dir():
         pytest.skip(f"the CIFAR-10 JPEG copy is not at {CIFAR_JPG} on this machine")
     cfg = compose_cfg("data=imagefolder", f"data.root={CIFAR_JPG}", f"data.cache_dir={tmp_path}")
-    splits = load_splits(cfg.data)
+    splits = load_training_data(cfg)
     assert splits.train_x.shape == (50_000, 3, 32, 32)
     assert splits.test_x.shape == (10_000, 3, 32, 32)
     assert splits.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -245,7 +246,7 @@ def test_a_bundle_made_with_another_resize_is_refused(tmp_path):
 
 def test_the_class_count_is_the_datas_and_a_stated_one_must_agree(in_tmp, tiny_space):
     """The folder's two classes are what latency tables and the search use; data.num_classes=10 is refused."""
-    from nas.data.sources import class_count
+    from nas.data.loading import class_count
     from nas.errors import NasError
     from nas.search.runner import run_search
     from tests.conftest import FAST, write_image_folder
@@ -313,4 +314,4 @@ def test_large_images_train_with_random_resized_crops_small_ones_with_pad_crops(
     with pytest.raises(DataError, match=r"data\.augment='crop' is not one of auto, padcrop, resizedcrop"):
         dm(augment="crop")
     with pytest.raises(DataError, match=r"data\.augment='crop' is not one of"):  # the search: before decoding
-        load_splits(compose_cfg("data=digits", "data.augment=crop").data)
+        load_training_data(compose_cfg("data=digits", "data.augment=crop"))

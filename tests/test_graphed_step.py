@@ -19,7 +19,14 @@ from nas.search.faults import FaultInjection
 from nas.space import decode
 from nas.train.graphed_step import graph_ready_optimizer
 from nas.train.module import ClassifierModule, NonFiniteLossError, param_groups
-from nas.train.run import check_train_cfg, load_splits, make_datamodule, make_module, make_trainer, use_cuda_graph
+from nas.train.run import (
+    check_train_cfg,
+    load_training_data,
+    make_datamodule,
+    make_module,
+    make_trainer,
+    use_cuda_graph,
+)
 from tests.conftest import TINY_ARCH, compose_cfg
 
 
@@ -42,7 +49,7 @@ def _fit(cfg, dm, cuda_graph: bool, callbacks=()) -> tuple[ClassifierModule, pl.
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_splits(compose_cfg("data=digits").data)
+    return load_training_data(compose_cfg("data=digits"))
 
 
 def _recipe(*overrides: str):

@@ -24,7 +24,7 @@ from nas.retrain.select import from_run, from_study
 from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
-from nas.train.run import load_splits
+from nas.train.run import load_training_data, make_datamodule
 from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env, write_image_folder
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
@@ -153,7 +153,7 @@ def test_retrain_registers_a_model_that_loads_anywhere(in_tmp, tiny_space):
 
     # Keras-like use on raw test images: nas.load's preprocessing is the training one, so its accuracy
     # on the test split is the test_acc the retrain reported.
-    splits = load_splits(cfg.data)
+    splits = load_training_data(cfg)
     images = [img[0].numpy() for img in splits.test_x]  # (8, 8) uint8 grey images
     truth = [splits.classes[i] for i in splits.test_y]
     labels = local.predict(images)
@@ -335,6 +335,8 @@ def test_retrain_command_carries_data_recipe_and_non_default_stores():
     assert retrain_command(compose_cfg(), "s") == (
         "python -m nas.retrain study.name=s data=cifar10 train/optimizer=sgd train/schedule=cosine"
     )
+    resized = compose_cfg("data=imagefolder", "data.root=/imgs", "data.image_size=256")
+    assert "data.root=/imgs data.image_size=256 train/optimizer" in retrain_command(resized, "s")
     # The trials' batch size when it is not the data set's own (digits: 32, others 128).
     assert "train.batch_size" not in retrain_command(compose_cfg("data=digits"), "s")
     assert retrain_command(compose_cfg("data=digits", "train.batch_size=64"), "s").endswith(" train.batch_size=64")
@@ -355,3 +357,37 @@ def test_the_same_retrain_command_gives_the_same_weights_and_another_seed_other_
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_two_process_ddp_retrain_records_one_run_and_tests_every_image_once(tmp_path):
+    """Lightning's DDP (gloo, 2 CPU processes) on a streamed folder: the second process is started by
+    Lightning with the same command; only rank 0 creates, logs and registers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    root = write_image_folder(tmp_path / "imgs", per_class=30, size=16)
+    (root / "test" / "dog" / "0.png").unlink()  # 13 test images: the ranks test 7 and 6
+    folder = ("data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "train.accelerator=cpu")
+    cmd = [sys.executable, "-m", "nas.retrain", f"arch={TINY_ARCH}", *folder, "data.storage=stream", "data.workers=1",
+           "train.devices=2", "train.epochs=2", "train.batch_size=8", "retrain.export=false",
+           "retrain.model_name=ddp"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("retrained ") == 1 and "registered models:/ddp/1" in proc.stdout
+    uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.`nas.kind` = 'retrain'")
+    assert len(runs) == 1  # not one per process
+    run = runs[0]
+    assert run.data.params["train.devices"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    # The logged test accuracy is over all 13 images, each once: the same as one process finds.
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/ddp/1").eval()
+    cfg = compose_cfg(*folder, "data.storage=memory")
+    dm = make_datamodule(cfg, load_training_data(cfg), 16, train_on_val=True)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
+    assert len(dm.test_split.y) == 13
+    assert run.data.metrics["test_acc"] == pytest.approx(correct / 13, abs=1e-6)

@@ -274,10 +274,10 @@ def test_one_copy_of_the_images_serves_every_resolution_of_a_space():
     """The search's data module is built once per process: a 24-px network after a 16-px one reads the same
     stored images, resized per batch; only a changed data setting (a searched data.* key) builds another."""
     from nas.search.objective import Objective
-    from nas.train.run import apply_hparams, load_splits
+    from nas.train.run import apply_hparams, load_training_data
 
     cfg = compose_cfg(*FAST)
-    objective = Objective(cfg, None, load_splits(cfg.data), None, None, 10, None)  # data is all it needs here
+    objective = Objective(cfg, None, load_training_data(cfg), None, None, 10, None)  # data is all it needs here
     first = objective.datamodule(cfg, 16)
     stored = first.train_split.x.data_ptr()
     again = objective.datamodule(apply_hparams(cfg, {"train.batch_size": 32, "seed": 3}), 24)

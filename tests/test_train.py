@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from nas.space import decode
 from nas.train.module import ClassifierModule, param_groups
-from nas.train.run import load_splits, make_datamodule, make_module, train_arch
+from nas.train.run import load_training_data, make_datamodule, make_module, train_arch
 from nas.train.schedules import cosine, one_cycle
 from tests.conftest import TINY_ARCH, compose_cfg
 
@@ -95,7 +95,7 @@ def test_schedules_warm_up_then_decay():
 
 def test_lightning_training_logs_per_epoch_metrics_and_learns():
     cfg = compose_cfg("data=digits", "train.epochs=2", "train/optimizer=adamw")
-    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    dm = make_datamodule(cfg, load_training_data(cfg), resolution=16)
     result = train_arch(cfg, decode(TINY_ARCH), dm)
     assert result.epochs == 2
     assert result.val_acc > 0.5  # chance is 0.1
@@ -131,7 +131,7 @@ def test_train_cli_trains_mobilenet_v1_on_digits(capsys):
 def test_epoch_counts_stay_exact_when_the_module_is_cast_to_bf16():
     # train.precision=bf16-true casts every floating buffer; bf16 counts stop growing at 256.
     cfg = compose_cfg("data=digits", "train.epochs=2", "train/optimizer=adamw", "train.precision=bf16-true")
-    dm = make_datamodule(cfg, load_splits(cfg.data), resolution=16)
+    dm = make_datamodule(cfg, load_training_data(cfg), resolution=16)
     result = train_arch(cfg, decode(TINY_ARCH), dm)
     images = len(dm.train_dataloader()) * dm.batch_size  # 4,600 per epoch: far past 256
     sums = result.module._epoch_sums

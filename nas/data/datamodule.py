@@ -1,40 +1,63 @@
-"""A LightningDataModule over decoded uint8 tensors: seeded validation split, on-device batches."""
+"""A LightningDataModule over decoded uint8 tensors or streamed files: seeded validation split, on-device
+augmentation the same for both."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader
 
 from nas.data.augment import SMALL_IMAGE_MAX, random_crop_flip, random_resized_crop, to_network_input
+from nas.data.folders import FileImages, ImageFiles, parallel_loader, worker_errors
 from nas.data.sources import DataError, ImageSplits
 
 AUGMENTS = ("auto", "padcrop", "resizedcrop")  # data.augment
+STATS_IMAGES = 2000  # training images the normalisation of a folder without data.mean/std is measured on
 
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor
+    """Labels, and the images either decoded (``x``, on the data device) or as files read per batch."""
+
     y: torch.Tensor
+    x: torch.Tensor | None = None
+    files: FileImages | None = None
 
 
-class TensorBatches:
-    """An epoch of batches drawn from in-memory tensors; a new seeded shuffle every epoch.
+@dataclass(frozen=True)
+class Shard:
+    """This process's share under distributed training: rank ``rank`` of ``world``."""
 
-    Stands in for a DataLoader: images are already decoded, so per-sample
-    Python work (and worker processes) would only slow a short trial down.
+    rank: int = 0
+    world: int = 1
+
+
+Prepare = Callable[[torch.Tensor, bool, torch.Generator | None], torch.Tensor]
+
+
+class Batches:
+    """An epoch of batches of one split; a new seeded shuffle every epoch, the same on every process.
+
+    Training batches are drawn from one permutation (made on the data device, so both storages and every
+    DDP rank see the same order) and dealt out rank by rank; evaluation covers each image exactly once
+    across ranks. Stands in for a DataLoader over decoded tensors: per-sample Python work would only slow
+    a short trial down. Streamed files go through a DataLoader for the decoding only.
     """
 
     def __init__(
         self,
         split: Split,
         batch_size: int,
-        prepare: Callable[[torch.Tensor, bool, torch.Generator | None], torch.Tensor],
+        prepare: Prepare,
         train: bool,
         seed: int,
+        device: torch.device,
         repeat: int = 1,
+        shard: Shard = Shard(),
+        workers: int = 0,
     ) -> None:
         self.split = split
         self.repeat = repeat
@@ -42,27 +65,67 @@ class TensorBatches:
         self.prepare = prepare
         self.train = train
         self.seed = seed
+        self.device = device
+        self.shard = shard
+        self.workers = workers
         self.epoch = 0
+
+    def _indices(self) -> tuple[torch.Tensor, torch.Generator | None]:
+        n, shard = len(self.split.y), self.shard
+        if not self.train:
+            return torch.arange(shard.rank, n, shard.world, device=self.device), None
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.cat([torch.randperm(n, device=self.device, generator=gen) for _ in range(self.repeat)])
+        self.epoch += 1
+        return order[shard.rank :: shard.world], gen
 
     def __len__(self) -> int:
         n = len(self.split.y)
-        return n * self.repeat // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:
+            return n * self.repeat // self.shard.world // self.batch_size
+        return -(-len(range(self.shard.rank, n, self.shard.world)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        x, y = self.split.x, self.split.y
-        gen = None
-        if self.train:
-            gen = torch.Generator(device=x.device).manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.cat([torch.randperm(len(y), device=x.device, generator=gen) for _ in range(self.repeat)])
-            self.epoch += 1
-        for i in range(len(self)):
-            if self.train:
-                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-                xb, yb = x[idx], y[idx]
-            else:
-                window = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                xb, yb = x[window], y[window]
-            yield self.prepare(xb, self.train, gen), yb
+        idx, gen = self._indices()
+        chunks = [idx[i * self.batch_size : (i + 1) * self.batch_size] for i in range(len(self))]
+        if self.split.x is not None:
+            for c in chunks:
+                yield self.prepare(self.split.x[c], self.train, gen), self.split.y[c]
+            return
+        loader = DataLoader(
+            self.split.files,
+            batch_sampler=[c.tolist() for c in chunks],
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed),  # not the global RNG that dropout draws from
+        )
+        batches = worker_errors(iter(loader))
+        for k in range(len(chunks)):
+            xb, yb = next(batches)
+            if k == len(chunks) - 1:
+                # Run the loader to its end now: that is when its workers exit. Lightning stops asking after
+                # len() batches, and workers left to the garbage collector wait out a 5 s timeout each.
+                for _ in batches:
+                    pass
+            xb = xb.to(self.device, non_blocking=True)
+            yield self.prepare(xb, self.train, gen), yb.to(self.device, non_blocking=True)
+
+
+def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (sample) standard deviation of uint8 image batches, accumulated batch by batch in
+    float64: a 224-px sample never exists as one float tensor (2,000 images would be 1.6 GB)."""
+    total = squares = None
+    count = 0
+    for x in batches:
+        v = x.double().div_(255)
+        s, q = v.sum(dim=(0, 2, 3)), v.square().sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += v.numel() // v.shape[1]
+    assert total is not None and count > 1
+    mean = total / count
+    var = (squares - count * mean.square()) / (count - 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().tolist()
 
 
 class TensorImageDataModule(pl.LightningDataModule):
@@ -75,7 +138,7 @@ class TensorImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         name: str,
-        loader: Callable[[], ImageSplits],
+        loader: Callable[[], ImageSplits | ImageFiles],
         resolution: int,
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -92,6 +155,7 @@ class TensorImageDataModule(pl.LightningDataModule):
         repeat: int = 1,
         augment: str = "auto",
         resized_crop: dict | None = None,
+        workers: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -117,6 +181,8 @@ class TensorImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.limit_train = limit_train
         self.repeat = repeat
+        self.workers = workers  # decoding processes per streamed split (0: in this process)
+        self.streamed = False
         self.classes: list[str] = []
         self.train_split: Split | None = None
 
@@ -127,28 +193,50 @@ class TensorImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_split is not None:
             return
-        splits = self.loader()
-        self.classes = list(splits.classes)
-        train_idx, val_idx = self.split_indices(len(splits.train_y), self.val_size, self.split_seed)
+        data = self.loader()
+        self.classes = list(data.classes)
+        self.streamed = isinstance(data, ImageFiles)
+        n = len(data.train.labels) if isinstance(data, ImageFiles) else len(data.train_y)
+        train_idx, val_idx = self.split_indices(n, self.val_size, self.split_seed)
         if self.limit_train is not None:
             train_idx = train_idx[: self.limit_train]
         if self.train_on_val:
             train_idx = torch.cat([train_idx, val_idx])
-        dev = self.device
-        self.train_split = Split(splits.train_x[train_idx].to(dev), splits.train_y[train_idx].to(dev))
-        self.val_split = Split(splits.train_x[val_idx].to(dev), splits.train_y[val_idx].to(dev))
-        self.test_split = Split(splits.test_x.to(dev), splits.test_y.to(dev)) if splits.test_x is not None else None
-        channels = splits.train_x.shape[1]
+        if isinstance(data, ImageFiles):
+            self.train_split, self.val_split = self._files(data.train, train_idx), self._files(data.train, val_idx)
+            self.test_split = self._files(data.test, None) if data.test is not None else None
+        else:
+            dev = self.device
+            self.train_split = Split(data.train_y[train_idx].to(dev), data.train_x[train_idx].to(dev))
+            self.val_split = Split(data.train_y[val_idx].to(dev), data.train_x[val_idx].to(dev))
+            self.test_split = Split(data.test_y.to(dev), data.test_x.to(dev)) if data.test_x is not None else None
+        self._set_normalisation(data.image_shape[0])
+
+    def _files(self, files: FileImages, index: torch.Tensor | None) -> Split:
+        chosen = files if index is None else files.subset(index)
+        return Split(chosen.labels.to(self.device), files=chosen)
+
+    def _set_normalisation(self, channels: int) -> None:
         mean, std = self.mean_cfg, self.std_cfg
-        if mean is None or std is None:  # e.g. an ImageFolder: measure on the training split
-            x = self.train_split.x
-            sample = x[:: max(1, len(x) // 10_000)].float().div(255)  # strided: files come sorted by class
-            mean = sample.mean(dim=(0, 2, 3)).tolist()
-            std = sample.std(dim=(0, 2, 3)).tolist()
+        if mean is None or std is None:  # e.g. an image folder: measured on the training split
+            mean, std = channel_stats(self.stats_sample())
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"data.mean/data.std need {channels} values for {self.name}, got {len(mean)}/{len(std)}")
-        self.mean = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=dev).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+
+    def stats_sample(self) -> Iterator[torch.Tensor]:
+        """Batches of the training images normalisation is measured on: at most STATS_IMAGES, strided (files
+        come sorted by class), the same images whichever the storage, so both normalise alike."""
+        split = self.train_split
+        assert split is not None
+        n = len(split.y)
+        index = torch.arange(0, n, max(1, -(-n // STATS_IMAGES)))
+        if split.x is None:
+            yield from (x for x, _ in parallel_loader(split.files.subset(index), workers=self.workers))
+            return
+        for chunk in index.to(split.x.device).split(64):
+            yield split.x[chunk]
 
     @staticmethod
     def split_indices(n: int, val_size: int | float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,19 +261,37 @@ class TensorImageDataModule(pl.LightningDataModule):
             x = random_crop_flip(x, self.pad, self.hflip, gen)
         return to_network_input(x, self.mean, self.std, self.resolution)
 
-    def train_dataloader(self) -> TensorBatches:
+    def shard(self) -> Shard:
+        """This process's share when Lightning trains on several processes (DDP), else everything."""
+        trainer = self.trainer
+        return Shard(trainer.global_rank, trainer.world_size) if trainer is not None else Shard()
+
+    def _batches(self, split: Split, batch_size: int, train: bool) -> Batches:
+        return Batches(
+            split,
+            batch_size,
+            self._prepare,
+            train,
+            self.seed,
+            self.device,
+            self.repeat if train else 1,
+            self.shard(),
+            self.workers if split.files is not None else 0,
+        )
+
+    def train_dataloader(self) -> Batches:
         assert self.train_split is not None
-        if len(self.train_split.y) < self.batch_size:
+        if len(self.train_split.y) < self.batch_size * self.shard().world:
             raise DataError(
-                f"{self.name}: {len(self.train_split.y)} training images are fewer than one batch "
+                f"{self.name}: {len(self.train_split.y)} training images are fewer than one batch per process "
                 f"(train.batch_size={self.batch_size}); lower train.batch_size"
             )
-        return TensorBatches(self.train_split, self.batch_size, self._prepare, True, self.seed, self.repeat)
+        return self._batches(self.train_split, self.batch_size, True)
 
-    def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(self.val_split, self.eval_batch_size, self._prepare, False, self.seed)
+    def val_dataloader(self) -> Batches:
+        return self._batches(self.val_split, self.eval_batch_size, False)
 
-    def test_dataloader(self) -> TensorBatches:
+    def test_dataloader(self) -> Batches:
         if self.test_split is None:
             raise DataError(f"{self.name} has no test split (for an image folder: add {{root}}/test/<class>/...)")
-        return TensorBatches(self.test_split, self.eval_batch_size, self._prepare, False, self.seed)
+        return self._batches(self.test_split, self.eval_batch_size, False)

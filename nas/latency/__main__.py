@@ -28,7 +28,7 @@ _command: list[str] = []
 
 def _num_classes(cfg: DictConfig) -> int:
     """The data's class count (the classifier's width is part of every head entry and measurement)."""
-    from nas.data.sources import class_count
+    from nas.data.loading import class_count
 
     return class_count(cfg.data)
 

@@ -14,6 +14,8 @@ def main(cfg: DictConfig) -> None:
     from nas.retrain.run import retrain
 
     r = retrain(cfg)
+    if r is None:  # a DDP rank other than 0: rank 0 reports
+        return
     print(f"retrained {r.selection.arch.encode()}")
     sel = r.selection
     won = " (finalist round winner)" if sel.how == "finalist" else ""

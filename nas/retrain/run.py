@@ -15,7 +15,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from nas.data import ImageSplits, TensorImageDataModule
+from nas.data import TensorImageDataModule
+from nas.data.loading import ImageData
 from nas.errors import NasError
 from nas.latency.estimator import measure_arch, settings_from_cfg
 from nas.latency.measure import LatencySettings
@@ -29,11 +30,13 @@ from nas.tracking.trials import EpochMetricsToMlflow
 from nas.train.module import NonFiniteLossError
 from nas.train.run import (
     apply_hparams,
+    check_data_cfg,
     check_train_cfg,
-    load_splits,
+    load_training_data,
     make_datamodule,
     make_module,
     make_trainer,
+    process_rank,
     recipe,
     recipe_overrides,
 )
@@ -130,8 +133,8 @@ def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Pr
     )
 
 
-def _require_test_split(cfg: DictConfig, splits: ImageSplits) -> None:
-    if splits.test_x is None:
+def _require_test_split(cfg: DictConfig, splits: ImageData) -> None:
+    if not splits.has_test:
         raise NasError(
             f"data set {cfg.data.name} at {cfg.data.get('root')} has no held-out test split, and a retrain "
             "reports accuracy on images it never trained on: add ROOT/test/<class>/ (or ImageNet's ROOT/val/<class>/) "
@@ -149,14 +152,15 @@ def _create_run(cfg: DictConfig, client: MlflowClient, sel: Selection) -> str:
 
 
 def _fit(
-    run_cfg: DictConfig, arch: Arch, dm: TensorImageDataModule, client: MlflowClient, run_id: str, train_on_val: bool
+    run_cfg: DictConfig, arch: Arch, dm: TensorImageDataModule, metrics: EpochMetricsToMlflow | None, train_on_val: bool
 ) -> tuple[torch.nn.Module, float]:
     """Train, then test once; a diverged network stops here, before anything is published. Seeded first, so
-    the same command gives the same weights (on the same machine and device)."""
+    the same command gives the same weights (on the same machine and device). Under DDP every rank runs
+    this; only rank 0 has ``metrics`` (the MLflow run)."""
     pl.seed_everything(int(run_cfg.seed), workers=False, verbose=False)
     module = make_module(run_cfg, arch, dm.num_classes)
     overrides = {"limit_val_batches": 0} if train_on_val else {}
-    trainer = make_trainer(run_cfg, [EpochMetricsToMlflow(client, run_id)], **overrides)
+    trainer = make_trainer(run_cfg, [metrics] if metrics is not None else [], **overrides)
     try:
         trainer.fit(module, datamodule=dm)
     except NonFiniteLossError as exc:
@@ -168,21 +172,27 @@ def _fit(
     return module.model.cpu().eval(), test_acc
 
 
-def retrain(cfg: DictConfig) -> RetrainResult:
+def retrain(cfg: DictConfig) -> RetrainResult | None:
+    """The whole retrain on rank 0; under DDP the other ranks only train and test with it (None)."""
     check_train_cfg(cfg)
+    check_data_cfg(cfg.data)
     client = connect(cfg.mlflow)
-    splits = load_splits(cfg.data)
+    devices = int(cfg.train.get("devices", 1))
+    splits = load_training_data(cfg, processes=devices, per_device=1)
     _require_test_split(cfg, splits)
-    sel, space = select(cfg, client, int(splits.train_x.shape[-1]))
+    sel, space = select(cfg, client, splits.image_shape[-1])
     run_cfg = apply_hparams(cfg, sel.hparams)
     arch, train_on_val = sel.arch, bool(cfg.retrain.train_on_val)
     dm = make_datamodule(run_cfg, splits, arch.resolution, train_on_val=train_on_val)
+    if process_rank(cfg) != 0:
+        _fit(run_cfg, arch, dm, None, train_on_val)
+        return None
     run_id = _create_run(cfg, client, sel)
     try:
         with mlflow.start_run(run_id=run_id):
             params = {"arch": arch.encode(), "train.epochs": run_cfg.train.epochs, "train_on_val": train_on_val}
-            mlflow.log_params(params | sel.hparams)
-            model, test_acc = _fit(run_cfg, arch, dm, client, run_id, train_on_val)
+            mlflow.log_params(params | sel.hparams | {"train.devices": devices * int(cfg.train.get("num_nodes", 1))})
+            model, test_acc = _fit(run_cfg, arch, dm, EpochMetricsToMlflow(client, run_id), train_on_val)
             settings, budget = target_latency(cfg, sel)
             latency = measure_arch(arch, dm.num_classes, settings).median_ms
             mlflow.log_params({f"latency.{k}": v for k, v in settings.key_fields().items()})
@@ -192,7 +202,7 @@ def retrain(cfg: DictConfig) -> RetrainResult:
             if budget is not None:
                 mlflow.log_metric("budget_ms", budget)
             name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
-            pre = _preprocess(dm, arch.resolution, int(splits.train_x.shape[1]))
+            pre = _preprocess(dm, arch.resolution, splits.image_shape[0])
             move_alias = not result.over_budget or bool(cfg.retrain.allow_over_budget)
             result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias)
             result.model_name = name if result.model_version else None

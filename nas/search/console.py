@@ -32,6 +32,8 @@ def retrain_command(cfg: DictConfig, study_name: str) -> str:
     root = cfg.data.get("root")
     if root not in (None, "data"):
         parts.append(f"data.root={root}")
+    if cfg.data.loader.get("image_size") is not None:  # a folder decoded at another size is other data
+        parts.append(f"data.image_size={cfg.data.loader.image_size}")
     parts.append(recipe_overrides(recipe(cfg)))
     if int(cfg.train.batch_size) != default_batch_size(cfg.data):
         parts.append(f"train.batch_size={int(cfg.train.batch_size)}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas import trial_states
 from nas.data import TensorImageDataModule
-from nas.data.sources import ImageSplits
+from nas.data.loading import ImageData
 from nas.errors import NasError
 from nas.latency.estimator import LatencyEstimator
 from nas.models import arch_params, cost
@@ -33,7 +33,7 @@ from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
 from nas.train.module import NonFiniteLossError
-from nas.train.run import apply_hparams, load_splits, make_datamodule, train_arch
+from nas.train.run import apply_hparams, load_training_data, make_datamodule, train_arch
 
 CONSTRAINT_KEY = "latency_ms_over_budget"
 
@@ -102,7 +102,7 @@ class Objective:
 
     cfg: DictConfig
     space: Space
-    splits: ImageSplits | None  # None once released (reloaded when a run needs it)
+    splits: ImageData | None  # None once released (reloaded when a run needs it)
     estimator: LatencyEstimator
     tracker: StudyTracker
     num_classes: int
@@ -124,7 +124,7 @@ class Objective:
         if key != self._data_key:
             self._datamodule = None  # the old copy goes before the new one is made
             if self.splits is None:
-                self.splits = load_splits(self.cfg.data)
+                self.splits = load_training_data(self.cfg)
             self._datamodule, self._data_key = make_datamodule(cfg, self.splits, resolution), key
         dm = self._datamodule
         assert dm is not None

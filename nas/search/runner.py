@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from nas import trial_states
+from nas.data.folders import ImageFiles
 from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.latency.table import LatencyTable
@@ -46,7 +47,7 @@ from nas.space import Space, require_space
 from nas.studies import FINALISTS_SUFFIX, make_storage
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
-from nas.train.run import check_train_cfg, load_splits
+from nas.train.run import check_data_cfg, check_train_cfg, load_training_data
 from nas.urls import mask_url
 
 PHASES = ("search", "finalists")  # search.phase: what a worker process does
@@ -90,8 +91,19 @@ def _sweep_stale(study: optuna.Study, tracker: StudyTracker) -> list[int]:
     return running
 
 
+def settle_storage(cfg: DictConfig, data: Any) -> DictConfig:
+    """The storage ``auto`` chose, written into the configuration workers get: they must not each
+    decide again on memory that the others are filling."""
+    chosen = "stream" if isinstance(data, ImageFiles) else "memory"
+    if cfg.data.get("storage", "auto") == chosen:
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.update(out, "data.storage", chosen, force_add=True)
+    return out
+
+
 def _data_identity(cfg: DictConfig, splits: Any) -> dict[str, Any]:
-    h, w = (int(v) for v in splits.train_x.shape[-2:])
+    _, h, w = splits.image_shape
     root = cfg.data.get("root")
     return {"root": None if root is None else str(root), "fingerprint": splits.fingerprint(), "image_size": f"{h}x{w}"}
 
@@ -153,6 +165,7 @@ def open_session(cfg: DictConfig) -> Session:
     make_sampler(cfg)  # a sampler or pruner file that cannot be made fails here, before any data is loaded
     make_pruner(cfg, goal)
     check_train_cfg(cfg)
+    check_data_cfg(cfg.data)
     space = require_space(cfg)
     hparams = resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts
     worker = cfg.search.role == "worker"
@@ -160,7 +173,9 @@ def open_session(cfg: DictConfig) -> Session:
     workers.check_latency_for_concurrency(cfg, len(plans))
     client = connect(cfg.mlflow)  # fails fast on an unreachable server, before any data is loaded
     storage = make_storage(cfg)  # likewise for an unreachable study storage
-    splits = load_splits(cfg.data)
+    per_device = int(cfg.search.trials_per_gpu) if any(p.gpu is not None for p in plans) else 1
+    splits = load_training_data(cfg, processes=max(1, len(plans)), per_device=per_device)
+    cfg = settle_storage(cfg, splits)
     num_classes = len(splits.classes)
     estimator = make_estimator(cfg.latency, num_classes)
     if isinstance(getattr(estimator, "table", None), LatencyTable):

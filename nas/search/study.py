@@ -74,6 +74,11 @@ def check_search_cfg(cfg: DictConfig) -> None:
         value = cfg.search.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise NasError(f"search.{key}={value!r} must be a whole number >= 0")
+    if int(cfg.train.get("devices", 1)) != 1 or int(cfg.train.get("num_nodes", 1)) != 1:
+        raise NasError(
+            "a search trains each trial on one device: drop train.devices/train.num_nodes (they are for "
+            "nas.train and nas.retrain), and spread trials with search.workers=N or search.gpus=all"
+        )
 
 
 def _instantiate(cfg: DictConfig, group: str, **kwargs: Any) -> Any:

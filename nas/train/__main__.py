@@ -9,7 +9,7 @@ from nas.cli import CONF_DIR, quiet_libraries, user_errors
 from nas.errors import NasError
 from nas.models import cost
 from nas.space import arch_from_text
-from nas.train.run import check_train_cfg, load_splits, make_datamodule, train_arch
+from nas.train.run import check_train_cfg, load_training_data, make_datamodule, train_arch
 
 
 @user_errors
@@ -18,8 +18,8 @@ def main(cfg: DictConfig) -> float:
     if not cfg.arch:
         raise NasError("give the architecture to train: arch='<encoded string>' or arch=reference:mobilenet_v3_small")
     check_train_cfg(cfg)
-    splits = load_splits(cfg.data)
-    arch = arch_from_text(cfg.arch, int(splits.train_x.shape[-1]))
+    splits = load_training_data(cfg)
+    arch = arch_from_text(cfg.arch, splits.image_shape[-1])
     dm = make_datamodule(cfg, splits, arch.resolution)
     c = cost(arch, dm.num_classes)
     print(f"training {arch.encode()}")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from nas.models import build
@@ -65,8 +66,11 @@ class ClassifierModule(pl.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Metric objects: exact over every image when DDP ranks evaluate shards of different sizes.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         # Training loss sum, correct predictions, non-finite losses: summed on the device in place
         # (a captured graph keeps their address), read once per epoch. Not a buffer: a module cast
         # (train.precision=bf16-true) must not turn the counts into bf16, exact only up to 256.
@@ -101,8 +105,9 @@ class ClassifierModule(pl.LightningModule):
         if batch_idx + 1 >= self.trainer.num_training_batches:
             # Logged once, at the epoch's last batch, so callbacks see it in on_train_epoch_end.
             sums = self._epoch_sums
-            self.log("train_loss", sums[0] / self._epoch_steps, on_step=False, on_epoch=True)
-            self.log("train_acc", sums[1] / self._epoch_images, on_step=False, on_epoch=True)
+            # sync_dist: under DDP the epoch's figure is the mean over ranks (one reduction per epoch).
+            self.log("train_loss", sums[0] / self._epoch_steps, on_step=False, on_epoch=True, sync_dist=True)
+            self.log("train_acc", sums[1] / self._epoch_images, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _train_step_body(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -159,18 +164,21 @@ class ClassifierModule(pl.LightningModule):
         # A retrain on train+val validates nothing: the check happens here instead.
         self._check_finite()
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, metric: MulticlassAccuracy) -> None:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, acc: MulticlassAccuracy, loss: MeanMetric
+    ) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{prefix}_loss", self.criterion(logits, y), on_step=False, on_epoch=True)
-        metric.update(logits, y)
-        self.log(f"{prefix}_acc", metric, on_step=False, on_epoch=True)
+        loss.update(self.criterion(logits, y), weight=len(y))
+        acc.update(logits, y)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True)
+        self.log(f"{prefix}_acc", acc, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._evaluate(batch, "val", self.val_acc, self.val_loss)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._evaluate(batch, "test", self.test_acc, self.test_loss)
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))

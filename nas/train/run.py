@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
 from nas.data.datamodule import AUGMENTS
-from nas.data.sources import DataError, ImageSplits, check_class_count
+from nas.data.folders import usable_cpus
+from nas.data.loading import ImageData, check_storage, load_data, memory_budget
+from nas.data.sources import DataError
 from nas.errors import NasError
 from nas.space import Arch
 from nas.train.graphed_step import GRAPH_OPTIMIZERS
@@ -105,24 +108,59 @@ def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
     return out
 
 
-def load_splits(data_cfg: DictConfig) -> ImageSplits:
-    """Decode the configured data set (once per process; callers keep the result); its class count is the
-    one every consumer uses, and a stated ``data.num_classes`` that disagrees stops here."""
+def check_data_cfg(data_cfg: DictConfig) -> None:
+    """Data settings every run would fail on, refused before anything is decoded."""
     augment = data_cfg.get("augment", "auto")
-    if augment not in AUGMENTS:  # before decoding: every trial would fail on it
+    if augment not in AUGMENTS:
         raise DataError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}")
-    splits = instantiate(data_cfg.loader)()
-    check_class_count(data_cfg, splits)
-    return splits
+    check_storage(data_cfg)
+    data_workers(data_cfg)
+
+
+def load_training_data(cfg: DictConfig, processes: int = 1, per_device: int = 1) -> ImageData:
+    """The configured data set (once per process; callers keep it), in memory or streamed as
+    ``data.storage`` decides for ``processes`` copies on this host (``per_device`` on one GPU). Its class
+    count is the one every consumer uses; a stated ``data.num_classes`` that disagrees stops here."""
+    check_data_cfg(cfg.data)
+    on_gpu = resolve_accelerator(cfg.train.accelerator) == "gpu"
+    return load_data(cfg.data, memory_budget(cfg.data, on_gpu, processes, per_device))
+
+
+def data_workers(data_cfg: DictConfig) -> int:
+    """Decoding processes for a streamed split: ``auto`` = every core up to 8 (the training process
+    itself mostly waits on the device)."""
+    value = data_cfg.get("workers", "auto")
+    if value == "auto":
+        return min(8, usable_cpus())
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise DataError(f"data.workers={value!r} must be auto or a number of processes >= 0 (0: decode in the trainer)")
+
+
+def process_rank(cfg: DictConfig) -> int:
+    """This process's global rank under DDP, known before any trainer exists: ``torchrun`` and cluster
+    schedulers set RANK (or SLURM_PROCID); Lightning's own launcher starts ranks > 0 again with the same
+    command and LOCAL_RANK (NODE_RANK per machine). 0 when not distributed."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    node = int(os.environ.get("NODE_RANK", 0))
+    return node * int(cfg.train.get("devices", 1)) + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def data_device(cfg: DictConfig) -> str:
+    """Where batches are augmented: the training GPU (this process's own under DDP), else the CPU."""
+    if resolve_accelerator(cfg.train.accelerator) != "gpu":
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if int(cfg.train.get("devices", 1)) > 1 else "cuda"
 
 
 def make_datamodule(
-    cfg: DictConfig, splits: ImageSplits, resolution: int, train_on_val: bool = False
+    cfg: DictConfig, data: ImageData, resolution: int, train_on_val: bool = False
 ) -> TensorImageDataModule:
-    device = "cuda" if resolve_accelerator(cfg.train.accelerator) == "gpu" else "cpu"
     dm = TensorImageDataModule(
         name=cfg.data.name,
-        loader=lambda: splits,
+        loader=lambda: data,
         resolution=resolution,
         batch_size=cfg.train.batch_size,
         eval_batch_size=cfg.train.eval_batch_size,
@@ -132,13 +170,14 @@ def make_datamodule(
         std=cfg.data.std,
         hflip=cfg.data.hflip,
         pad=cfg.data.pad,
-        device=device,
+        device=data_device(cfg),
         train_on_val=train_on_val,
         seed=cfg.seed,
         limit_train=cfg.train.limit_train_images,
         repeat=int(cfg.data.repeat),
         augment=str(cfg.data.get("augment", "auto")),
         resized_crop=OmegaConf.to_container(cfg.data.resized_crop) if cfg.data.get("resized_crop") else None,
+        workers=data_workers(cfg.data),
     )
     dm.setup("fit")
     return dm
@@ -167,7 +206,9 @@ def make_trainer(
     torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
     kwargs: dict[str, Any] = {
         "accelerator": resolve_accelerator(t.accelerator),
-        "devices": 1,
+        "devices": int(t.get("devices", 1)),
+        "num_nodes": int(t.get("num_nodes", 1)),
+        "strategy": t.get("strategy", "auto"),
         "max_epochs": t.epochs,
         "precision": t.precision,
         "logger": logger,
