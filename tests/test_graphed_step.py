@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from nas.errors import NasError
 from nas.search.faults import FaultInjection
 from nas.space import decode
-from nas.train.graphed_step import graph_ready_optimizer
+from nas.train.graphed_step import GraphedTrainStep, graph_ready_optimizer
 from nas.train.module import ClassifierModule, NonFiniteLossError, param_groups
 from nas.train.run import (
     check_train_cfg,
@@ -123,3 +123,87 @@ def test_graph_ready_optimizer_keeps_settings_and_refuses_unfused_kinds():
     assert adamw.defaults["capturable"] is False  # Adam's capturable path is for accelerators; on CPU it stays off
     with pytest.raises(NasError, match="supports the optimizers SGD, Adam, AdamW, not RMSprop"):
         graph_ready_optimizer(torch.optim.RMSprop(model.parameters()), [{"params": list(model.parameters())}])
+
+
+def test_settings_a_captured_graph_cannot_follow_are_refused_before_training():
+    """Review findings G3 (cumulative BatchNorm reads a host count inside capture) and G1 (one-cycle moves
+    momentum every step, the captured fused kernel keeps its first value): refused up front, on any machine."""
+    bn = compose_cfg("train.cuda_graph=true", "train.bn_momentum=null")
+    with pytest.raises(NasError, match=re.escape("train.bn_momentum=null reads a step count on the host")):
+        check_train_cfg(bn)
+    cycling = compose_cfg("train.cuda_graph=true", "train/schedule=onecycle")
+    with pytest.raises(NasError, match=re.escape("set train.schedule.cycle_momentum=false")):
+        check_train_cfg(cycling)
+    fixed = compose_cfg("train.cuda_graph=true", "train/schedule=onecycle", "train.schedule.cycle_momentum=false")
+    with pytest.raises(NasError, match="needs a CUDA device"):  # past both checks: only the CPU stops it here
+        check_train_cfg(fixed)
+    assert compose_cfg("train/schedule=onecycle").train.schedule.cycle_momentum is True  # eager keeps torch's
+
+
+def test_a_replay_stops_when_a_setting_the_graph_baked_in_has_changed():
+    """G1's safety net: any optimizer setting besides the rate that moves after capture stops the run."""
+    model = torch.nn.Linear(4, 2)
+    opt = graph_ready_optimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), param_groups(model, 0.0))
+
+    def body(x, y):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step = GraphedTrainStep(body, opt)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    step(x, y)  # eager on CPU
+    replays = []
+    step.graph = type("FakeGraph", (), {"replay": lambda self: replays.append(1)})()  # as if captured
+    step.captured_settings = step._settings()
+    step(x, y)
+    assert replays == [1]
+    for group in opt.param_groups:
+        group["momentum"] = 0.85  # what OneCycleLR(cycle_momentum=True) does every step
+    with pytest.raises(NasError, match=r"momentum changed from 0\.9 to 0\.85 after the training step was captured"):
+        step(x, y)
+    assert replays == [1]
+
+
+def test_a_network_whose_capture_fails_trains_eagerly_with_the_reason_kept(monkeypatch, capsys):
+    """Item 3 of the GPU issue: capture failing for one network (forced here) is no trial failure."""
+    model = torch.nn.Linear(4, 2)
+    opt = graph_ready_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), param_groups(model, 0.0))
+
+    def body(x, y):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    attempts = []
+
+    def failing_record(self):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(GraphedTrainStep, "_captures", lambda self: True)  # as on a GPU
+    monkeypatch.setattr(GraphedTrainStep, "_record", failing_record)
+    step = GraphedTrainStep(body, opt, warmup=0)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    before = model.weight.detach().clone()
+    for _ in range(3):
+        step(x, y)
+    assert attempts == [1]  # tried once, then eager for the rest of the fit
+    assert step.fallback == "operation not permitted when stream is capturing" and not step.captured
+    assert not torch.equal(model.weight, before)  # every step trained, the failed one included
+    assert "capture of the training step failed (operation not permitted" in capsys.readouterr().err
+
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(GraphedTrainStep, "_record", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # out of memory stays what it is
+        GraphedTrainStep(body, opt, warmup=0)(x, y)
+
+
+def test_a_diverged_epoch_stops_within_fifty_steps_not_at_its_end(digits):
+    """Review finding G5: a graphed epoch must not keep stepping on NaN weights until validation."""
+    cfg = _recipe()  # 1,150 images x 4 passes / 32 = 143 steps per epoch
+    dm = make_datamodule(cfg, digits, resolution=16)
+    with pytest.raises(NonFiniteLossError, match=r"in epoch 0 \(by step 50\)"):
+        _fit(cfg, dm, cuda_graph=True, callbacks=[FaultInjection("nonfinite")])

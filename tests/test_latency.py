@@ -48,8 +48,9 @@ class _Sleeper(torch.nn.Module):
 
 def test_measurement_times_the_forward_pass_in_milliseconds():
     sleeper = _Sleeper()
-    stats = measure_module(sleeper, (1, 3, 4, 4), LatencySettings(device="cpu", threads=1, warmup=10, repeats=10))
-    assert sleeper.calls == 20  # warm-up calls are not timed
+    settings = LatencySettings(device="cpu", threads=1, warmup=10, repeats=10, max_cv=1.0)  # spread on purpose
+    stats = measure_module(sleeper, (1, 3, 4, 4), settings)
+    assert sleeper.calls == 20 and stats.attempts == 1  # warm-up calls are not timed
     # Sleeps overshoot by well under a millisecond; p10/p90 are the 1st and 9th of 10 sorted samples.
     assert 1.0 <= stats.p10_ms < 1.8
     assert 5.5 <= stats.median_ms < 6.3
@@ -131,9 +132,14 @@ def test_cache_key_changes_with_device_batch_and_mode(monkeypatch):
     assert LatencySettings(device="cpu").key_fields()["torch"] == torch.__version__
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)  # a CUDA build asks the (absent) device
     graph = table_id(LatencySettings(device="cuda", mode="cudagraph"))
     eager = table_id(LatencySettings(device="cuda", mode="eager"))
     assert len({base, graph, eager}) == 3
+    key = LatencySettings(device="cuda").key_fields()
+    assert key["cudnn"] == 91000 and key["cudnn_benchmark"] is False and key["tf32"].startswith("matmul=")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 92000)  # another cuDNN: another table
+    assert table_id(LatencySettings(device="cuda", mode="cudagraph")) != graph
 
 
 def test_settings_reject_bad_values():
@@ -197,3 +203,42 @@ def test_cli_build_table_and_validate(tmp_path, tiny_space):
     assert (m[5], m[6]) == (f"{cost(arch, 10).params / 1e6:.2f}", f"{cost(arch, 10).mflops:.1f}")
     usage = subprocess.run([sys.executable, "-m", "nas.latency"], capture_output=True, text=True, cwd=tmp_path)
     assert usage.returncode == 2 and "build-table" in usage.stderr
+
+
+def test_measuring_pins_cudnn_algorithm_choice_whatever_the_last_trial_set():
+    """Review finding C2: cudnn.benchmark is process-global and each trainer sets it; a measurement must
+    not inherit it, and a CUDA figure's key says what it was measured under."""
+    from nas.latency.measure import MEASURE_CUDNN_BENCHMARK, cuda_backend_fields
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return x * 2
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not MEASURE_CUDNN_BENCHMARK  # as a trial's trainer may leave it
+        measure_module(Probe(), (1, 3, 4, 4), FAST)
+        assert set(seen) == {MEASURE_CUDNN_BENCHMARK}
+        assert torch.backends.cudnn.benchmark is (not MEASURE_CUDNN_BENCHMARK)  # restored for training
+    finally:
+        torch.backends.cudnn.benchmark = before
+    fields = cuda_backend_fields()
+    assert set(fields) == {"cudnn", "cudnn_benchmark", "tf32"} and fields["cudnn_benchmark"] == MEASURE_CUDNN_BENCHMARK
+
+
+def test_a_noisy_measurement_is_taken_again_and_the_steadiest_kept():
+    """Review finding C5: the coefficient of variation decides whether a measurement is kept."""
+    from nas.errors import NasError
+    from nas.latency.measure import steadiest
+
+    attempts = iter([[1.0, 3.0, 1.0, 3.0], [2.0, 2.1, 1.9, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    stats = steadiest(lambda: next(attempts), max_cv=0.1)
+    assert stats.attempts == 2 and stats.median_ms == pytest.approx(2.0)  # the second was steady: no third
+    noisy = iter([[1.0, 3.0, 1.0, 3.0], [1.0, 2.0, 1.0, 2.0], [1.0, 4.0, 1.0, 4.0]])
+    stats = steadiest(lambda: next(noisy), max_cv=0.1)
+    assert stats.attempts == 3 and stats.median_ms == pytest.approx(1.5)  # all noisy: the least noisy kept
+    with pytest.raises(NasError, match=r"latency\.max_cv must be > 0"):
+        LatencySettings(max_cv=0)

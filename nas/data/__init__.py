@@ -1,4 +1,5 @@
-"""Data: torchvision data sets decoded once into tensors, with a seeded validation split."""
+"""Data: torchvision data sets and image folders, decoded once into tensors or streamed from their files,
+with a seeded validation split."""
 
 from nas.data.datamodule import TensorImageDataModule
 from nas.data.sources import DataError, ImageSplits

@@ -33,6 +33,7 @@ def settings_from_cfg(cfg: DictConfig) -> LatencySettings:
         threads=int(cfg.threads),
         warmup=int(cfg.warmup),
         repeats=int(cfg.repeats),
+        max_cv=float(cfg.get("max_cv", 0.15)),
     )
 
 

@@ -12,8 +12,8 @@ import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -21,6 +21,11 @@ from torch import nn
 from nas.errors import NasError
 
 MODES = ("cudagraph", "eager")
+# cuDNN's algorithm choice while measuring: its fixed heuristics, not autotuning. The setting is process-global
+# and every trial's trainer sets it (train.cudnn_benchmark), so latency must not inherit the last trial's.
+MEASURE_CUDNN_BENCHMARK = False
+ATTEMPTS = 3  # a measurement noisier than max_cv is taken again, up to this many times in all
+QUEUE_AHEAD_CYCLES = 2_000_000  # ~1 ms of GPU sleep before each timed sample, while the host queues it
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class LatencySettings:
     threads: int = 1
     warmup: int = 10
     repeats: int = 30
+    max_cv: float = 0.15  # coefficient of variation above which a measurement is retried
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -43,6 +49,8 @@ class LatencySettings:
             raise NasError(f"latency.mode={self.mode!r} is not one of {', '.join(MODES)}")
         if self.batch_size < 1 or self.threads < 1 or self.repeats < 3 or self.warmup < 0:
             raise NasError("latency.batch_size and latency.threads must be >= 1, latency.repeats >= 3")
+        if not self.max_cv > 0:
+            raise NasError(f"latency.max_cv must be > 0 (a fraction such as 0.15), got {self.max_cv}")
 
     @property
     def effective_mode(self) -> str:
@@ -65,10 +73,32 @@ class LatencySettings:
         }
         if self.device == "cpu":
             fields["threads"] = self.threads
+        else:
+            fields.update(cuda_backend_fields())
         return fields
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def cuda_backend_fields() -> dict[str, object]:
+    """What else a CUDA figure depends on: the cuDNN version, its algorithm choice and TF32 use."""
+    return {
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_benchmark": MEASURE_CUDNN_BENCHMARK,
+        "tf32": f"matmul={torch.backends.cuda.matmul.allow_tf32},cudnn={torch.backends.cudnn.allow_tf32}",
+    }
+
+
+@contextlib.contextmanager
+def measuring_backends() -> Iterator[None]:
+    """cuDNN's algorithm choice pinned while measuring, and restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = MEASURE_CUDNN_BENCHMARK
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def cpu_name() -> str:
@@ -86,6 +116,7 @@ class LatencyStats:
     p90_ms: float
     cv: float  # standard deviation / mean of the timed samples
     samples: int
+    attempts: int = 1  # measurements taken (more than one when the first were noisier than max_cv)
 
 
 def _stats(samples_ms: list[float]) -> LatencyStats:
@@ -157,6 +188,9 @@ def _measure_cuda(model: nn.Module, x: torch.Tensor, s: LatencySettings) -> list
     samples = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(s.repeats):
+        # The GPU sleeps while the host queues the sample's replays behind it, so the events time the
+        # kernels back to back, not the host's launch gaps (which dominate microsecond table components).
+        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
         start.record()
         for _ in range(inner):
             run()
@@ -167,10 +201,24 @@ def _measure_cuda(model: nn.Module, x: torch.Tensor, s: LatencySettings) -> list
 
 
 def measure_module(model: nn.Module, input_shape: tuple[int, ...], settings: LatencySettings) -> LatencyStats:
-    """Median latency of ``model`` on a random input of ``input_shape`` (batch dimension included)."""
+    """Median latency of ``model`` on a random input of ``input_shape`` (batch dimension included); taken
+    again (up to ATTEMPTS in all) while its spread exceeds ``max_cv``, keeping the steadiest attempt."""
     device = torch.device(settings.device)
     model = model.to(device).eval()
     x = torch.randn(*input_shape, device=device)
-    with torch.no_grad():  # not inference_mode: its tensors cannot be captured into CUDA graphs reliably
-        samples = _measure_cuda(model, x, settings) if settings.device == "cuda" else _measure_cpu(model, x, settings)
-    return _stats(samples)
+    measure = _measure_cuda if settings.device == "cuda" else _measure_cpu
+    with torch.no_grad(), measuring_backends():  # no_grad, not inference_mode: those tensors break capture
+        return steadiest(lambda: measure(model, x, settings), settings.max_cv)
+
+
+def steadiest(take: Callable[[], list[float]], max_cv: float, attempts: int = ATTEMPTS) -> LatencyStats:
+    """The first attempt within ``max_cv``, else the least noisy of ``attempts``."""
+    best: LatencyStats | None = None
+    for attempt in range(1, attempts + 1):
+        stats = _stats(take())
+        if best is None or stats.cv < best.cv:
+            best = replace(stats, attempts=attempt)
+        if stats.cv <= max_cv:
+            break
+    assert best is not None
+    return replace(best, attempts=attempt)

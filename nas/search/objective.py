@@ -6,6 +6,7 @@ summarises such draws); the sampler still learns from it through the recorded co
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import optuna
 import torch
 from lightning.pytorch.callbacks import Timer
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from nas import trial_states
@@ -261,6 +263,10 @@ class Objective:
             outcome.val_acc, outcome.epochs = reporter.last_val_acc, reporter.epochs
             raise
         outcome.val_acc, outcome.epochs = result.val_acc, int(cfg.train.epochs)
+        if result.graph_fallback:  # trained all the same, eagerly: the trial stands, the reason is kept
+            trial.set_user_attr("cuda_graph_fallback", result.graph_fallback)
+            with contextlib.suppress(TrackingError, MlflowException, OSError):
+                self.tracker.set_tags(run_id, {"nas.cuda_graph": f"eager fallback: {result.graph_fallback}"})
         trial.set_user_attr("state", trial_states.COMPLETE)
         trial.set_user_attr("val_acc", result.val_acc)
         trial.set_user_attr("epochs", outcome.epochs)

@@ -16,6 +16,7 @@ automatic optimization.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -60,6 +61,8 @@ class GraphedTrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lrs: list[torch.Tensor] = []
+        self.captured_settings: list[dict] = []  # what the graph baked in besides the rate
+        self.fallback: str | None = None  # why this network trains eagerly after all (capture failed)
 
     @property
     def captured(self) -> bool:
@@ -79,15 +82,21 @@ class GraphedTrainStep:
         for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
             lr.fill_(group["lr"])
         if self.graph is not None:
+            self._check_settings()
             self.graph.replay()
-        elif static_x.device.type != "cuda":
+        elif not self._captures() or self.fallback is not None:
             self._run_eager()
         elif self.steps < self.warmup:
             self._warm_up()
-        else:
-            self._capture()
+        elif self._capture():
             self.graph.replay()  # capturing records the kernels without running them
+        else:
+            self._run_eager()  # this step still trains, eagerly
         self.steps += 1
+
+    def _captures(self) -> bool:
+        """Only CUDA has graphs: on a CPU the same step runs eagerly on the same buffers."""
+        return self.static is not None and self.static[0].device.type == "cuda"
 
     def _allocate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static = (torch.empty_like(x), torch.empty_like(y))
@@ -118,18 +127,48 @@ class GraphedTrainStep:
             self._run_eager()
         torch.cuda.current_stream().wait_stream(side)
 
-    def _capture(self) -> None:
+    def _record(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
+        with self._tensor_lr(), torch.cuda.graph(graph):
+            self.body(*self.static)
+        return graph
+
+    def _capture(self) -> bool:
+        """Capture the step; when the network cannot be captured (an op that syncs with the host, say), it
+        trains eagerly instead, with one warning line and the reason kept in ``fallback``."""
         try:
-            with self._tensor_lr(), torch.cuda.graph(graph):
-                self.body(*self.static)
+            self.graph = self._record()
         except torch.cuda.OutOfMemoryError:
             raise  # reported as out of memory, like any other step's
         except RuntimeError as err:
-            raise NasError(
-                f"capturing the training step as a CUDA graph failed ({err}); set train.cuda_graph=false"
-            ) from err
-        self.graph = graph
+            self.graph = None
+            self.fallback = (str(err).strip().splitlines() or ["RuntimeError"])[0][:300]
+            self.optimizer.zero_grad(set_to_none=True)  # nothing recorded during the capture ever ran
+            print(f"warning: CUDA-graph capture of the training step failed ({self.fallback}); "
+                  "this network trains eagerly", file=sys.stderr, flush=True)  # fmt: skip
+            return False
+        self.captured_settings = self._settings()
+        return True
+
+    def _settings(self) -> list[dict]:
+        """Every optimizer setting except the rate (momentum, betas, weight decay...), per group."""
+        keys = [k for k in self.optimizer.defaults if k != "lr"]
+        return [{k: g.get(k) for k in keys} for g in self.optimizer.param_groups]
+
+    def _check_settings(self) -> None:
+        """A replay runs with the settings the capture saw; a schedule that moves any of them (one-cycle's
+        momentum) would otherwise train silently differently from the eager step."""
+        now = self._settings()
+        if now == self.captured_settings:
+            return
+        for before, after in zip(self.captured_settings, now, strict=True):
+            changed = next((k for k in before if before[k] != after[k]), None)
+            if changed is not None:
+                raise NasError(
+                    f"the optimizer's {changed} changed from {before[changed]} to {after[changed]} after the "
+                    "training step was captured as a CUDA graph, which keeps the captured value; keep it fixed "
+                    "(e.g. train.schedule.cycle_momentum=false) or set train.cuda_graph=false"
+                )
 
     def release(self) -> None:
         """Free the graph and its private memory pool (gradients live there after capture)."""

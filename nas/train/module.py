@@ -27,6 +27,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+FINITE_CHECK_STEPS = 50  # a diverged epoch stops within this many steps: one host sync each time
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial cannot continue."""
 
@@ -83,6 +86,7 @@ class ClassifierModule(pl.LightningModule):
         self.automatic_optimization = not cuda_graph
         self._graphed: GraphedTrainStep | None = None
         self.graph_captured = False  # whether the last fit really replayed a CUDA graph (not on a CPU)
+        self.graph_fallback: str | None = None  # why the last fit trained eagerly although asked to capture
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
@@ -102,6 +106,8 @@ class ClassifierModule(pl.LightningModule):
             self._accumulate(loss.detach(), logits.detach(), y)
         self._epoch_steps += 1
         self._epoch_images += len(y)
+        if self._epoch_steps % FINITE_CHECK_STEPS == 0:  # not only at validation: a graphed epoch would step on NaN
+            self._raise_if_nonfinite()
         if batch_idx + 1 >= self.trainer.num_training_batches:
             # Logged once, at the epoch's last batch, so callbacks see it in on_train_epoch_end.
             sums = self._epoch_sums
@@ -146,15 +152,21 @@ class ClassifierModule(pl.LightningModule):
         """Free the captured step's graph and static buffers (idempotent; also called when fit raises)."""
         if self._graphed is not None:
             self.graph_captured = self._graphed.captured
+            self.graph_fallback = self._graphed.fallback
             self._graphed.release()
             self._graphed = None
 
     def _check_finite(self) -> None:
-        """One host sync per epoch: at validation, or at the epoch's end where nothing validates."""
+        """At validation, or at the epoch's end where nothing validates (and every FINITE_CHECK_STEPS steps)."""
         if self._epoch_steps and not self._finite_checked:
             self._finite_checked = True
-            if bool(self._epoch_sums[2] > 0):
-                raise NonFiniteLossError(f"training loss became NaN or infinite in epoch {self.current_epoch}")
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        if bool(self._epoch_sums[2] > 0):
+            raise NonFiniteLossError(
+                f"training loss became NaN or infinite in epoch {self.current_epoch} (by step {self._epoch_steps})"
+            )
 
     def on_validation_epoch_start(self) -> None:
         # Validation runs inside the training epoch: stop before evaluating a diverged network.

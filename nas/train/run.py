@@ -62,6 +62,19 @@ def use_cuda_graph(train_cfg: DictConfig) -> bool:
             f"train.cuda_graph=true supports the optimizers {', '.join(known)}, not {target}; "
             "pick train/optimizer=sgd or adamw, or set train.cuda_graph=false"
         )
+    if train_cfg.get("bn_momentum", 0.1) is None:
+        raise NasError(
+            "train.cuda_graph=true cannot capture BatchNorm's cumulative average (train.bn_momentum=null reads a "
+            "step count on the host every step): set train.bn_momentum=0.1 (or another number), or "
+            "train.cuda_graph=false"
+        )
+    schedule = train_cfg.get("schedule") or {}
+    if schedule.get("cycle_momentum", False):
+        raise NasError(
+            "train.cuda_graph=true cannot follow a momentum that changes every step (a captured graph keeps the "
+            f"value it was captured with; {schedule.get('_target_')} cycles it): set "
+            "train.schedule.cycle_momentum=false, or train.cuda_graph=false"
+        )
     if resolve_accelerator(train_cfg.accelerator) != "gpu":
         raise NasError(
             "train.cuda_graph=true captures the training step as a CUDA graph and needs a CUDA device; "
@@ -230,6 +243,11 @@ class TrainResult:
     val_loss: float
     epochs: int
     module: ClassifierModule
+
+    @property
+    def graph_fallback(self) -> str | None:
+        """Why a ``train.cuda_graph=true`` run trained eagerly after all (its capture failed), else None."""
+        return self.module.graph_fallback
 
 
 def train_arch(

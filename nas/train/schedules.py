@@ -21,11 +21,20 @@ def cosine(optimizer: Optimizer, total_steps: int, warmup: int | float = 0.05, m
     return SequentialLR(optimizer, [ramp, decay], milestones=[warm])
 
 
-def one_cycle(optimizer: Optimizer, total_steps: int, warmup: int | float = 0.25) -> LRScheduler:
-    """Smith's one-cycle policy peaking at the optimiser's configured learning rate."""
+def one_cycle(
+    optimizer: Optimizer, total_steps: int, warmup: int | float = 0.25, cycle_momentum: bool = True
+) -> LRScheduler:
+    """Smith's one-cycle policy peaking at the optimiser's configured learning rate; with ``cycle_momentum``
+    SGD's momentum (AdamW's beta1) moves against the rate, as in torch's OneCycleLR."""
     pct = _warmup_steps(warmup, total_steps) / max(total_steps, 1)
     max_lr = [group["lr"] for group in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1), pct_start=max(pct, 1e-3))
+    return OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=max(total_steps, 1),
+        pct_start=max(pct, 1e-3),
+        cycle_momentum=cycle_momentum,
+    )
 
 
 def constant(optimizer: Optimizer, total_steps: int) -> LRScheduler:
