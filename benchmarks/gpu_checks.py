@@ -26,7 +26,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,27 +33,15 @@ from bench_output import RESULTS, device_name
 
 STAGES = ("tests", "latency", "train_loop", "throughput", "study")
 LIMIT_S = 590  # each stage ends within the device machine's 10-minute command limit
-TINY_SPACE = """\
-description: two-stage space for the dry run
-resolution: 16
-width: [0.25, 0.5]
-stem: {channels: 16, stride: 1, activation: hswish}
-block: {kernel: [3, 5], expansion: [2, 3], se: [false, true], activation: [relu, hswish]}
-stages:
-  - {channels: 16, stride: 2, depth: [1, 2]}
-  - {channels: 24, stride: 2, depth: [1, 2]}
-head: {channels: 64, activation: hswish}
-classifier: {channels: 64}
-"""
+TINY_SPACE = Path(__file__).resolve().parents[1] / "tests" / "tiny_space.yaml"  # the tests' own small space
 
 
-def stage_commands(args: argparse.Namespace, scratch: Path) -> dict[str, list[list[str]]]:
+def stage_commands(args: argparse.Namespace) -> dict[str, list[list[str]]]:
     """The commands of each stage: the GPU recipe, or with ``--cpu`` the same commands on tiny inputs."""
     py, here = sys.executable, str(Path(__file__).parent)
     tests = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(Path(here).parent / "tests")]
     if args.cpu:
-        space = scratch / "tiny.yaml"
-        space.write_text(TINY_SPACE)
+        space = TINY_SPACE
         data = ["data=digits", "train.epochs=1", "latency.device=cpu", "latency.repeats=5", "latency.warmup=2"]
         return {
             "tests": [tests],
@@ -113,12 +100,11 @@ def main() -> None:
     rows = []
     # A dry run's benchmark figures stay beside its logs, out of the committed results/.
     env = dict(os.environ) | ({"NAS_BENCH_RESULTS": str(logs)} if args.cpu else {})
-    with tempfile.TemporaryDirectory() as tmp:
-        commands = stage_commands(args, Path(tmp))
-        for name in args.stages:
-            status, seconds = run_stage(name, commands[name], logs, Path.cwd(), env)
-            rows.append(f"| {name} | {status} | {seconds:.0f} s | `{logs.name}/{name}.log` |")
-            print(rows[-1], flush=True)
+    commands = stage_commands(args)
+    for name in args.stages:
+        status, seconds = run_stage(name, commands[name], logs, Path.cwd(), env)
+        rows.append(f"| {name} | {status} | {seconds:.0f} s | `{logs.name}/{name}.log` |")
+        print(rows[-1], flush=True)
     text = "\n".join([f"# GPU checks on {device_name()}{' (dry run, --cpu)' if args.cpu else ''}", "",
                       f"`python benchmarks/gpu_checks.py {' '.join(sys.argv[1:])}`", "",
                       "| stage | status | time | log |", "|---|---|---|---|", *rows, ""])  # fmt: skip

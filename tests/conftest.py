@@ -23,18 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg"
 
 # Small enough that one epoch of digits trains in a couple of seconds on 2 CPU cores.
-TINY_SPACE = """\
-description: tiny test space
-resolution: 16
-width: [0.25, 0.5]
-stem: {channels: 16, stride: 1, activation: hswish}
-block: {kernel: [3, 5], expansion: [2, 3], se: [false, true], activation: [relu, hswish]}
-stages:
-  - {channels: 16, stride: 2, depth: [1, 2]}
-  - {channels: 24, stride: 2, depth: [1, 2]}
-head: {channels: 64, activation: hswish}
-classifier: {channels: 64}
-"""
+TINY_SPACE = (ROOT / "tests" / "tiny_space.yaml").read_text()  # also the dry run of benchmarks/gpu_checks.py
 
 TINY_ARCH = "nas1-r16-w0.5-stem_c16_s1_hs-k3_e2_c16_s2_re-k3_e3_c24_s2_hs_se-head_c64_hs-fc_c64"
 

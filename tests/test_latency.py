@@ -242,3 +242,21 @@ def test_a_noisy_measurement_is_taken_again_and_the_steadiest_kept():
     assert stats.attempts == 3 and stats.median_ms == pytest.approx(1.5)  # all noisy: the least noisy kept
     with pytest.raises(NasError, match=r"latency\.max_cv must be > 0"):
         LatencySettings(max_cv=0)
+
+
+def test_the_table_holds_the_references_layers_before_any_trial(tmp_path, tiny_space):
+    """Review finding C3: a reference's layers (MobileNetV3-Small's expansions 4.5 and 3.67 in a space of 2 and
+    3) are measured when the table is built, not on demand inside workers while others train."""
+    from nas.latency.fidelity import build_table
+
+    tiny_space.write_text(
+        tiny_space.read_text() + "references:\n  - {name: mobilenet_v3_small, stem_stride: 1, first_stride2_as_1: 1}\n"
+    )
+    space = load_space(tiny_space)
+    table = LatencyTable(FAST, tmp_path)
+    build_table(space, table, 10, calibrate=0, seed=0)
+    measured = table.measured
+    (ref,) = space.reference_archs().values()
+    assert any(c.key not in {s.key for s in space_components(space, 10)} for c in arch_components(ref, 10))
+    table.predict(ref, 10)
+    assert table.measured == measured  # nothing left to measure at search time

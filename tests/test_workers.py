@@ -164,3 +164,15 @@ def test_queued_references_are_never_lost_to_the_surplus_rule():
         {"reference": "mobilenet_v3_large", "arch": "arch-of-mobilenet_v3_large"}
     ]
     assert study.trials[second.number].user_attrs["state"] == "surplus"
+
+
+def test_a_hand_started_worker_that_measures_latency_is_warned_about_its_neighbours(capsys):
+    """Review finding C3: a worker started by hand cannot count the others on its device; it says what is at
+    stake (the main process refuses measuring beside workers it starts itself)."""
+    workers.check_latency_for_concurrency(compose_cfg("search.role=worker", "latency.estimator=measure"), 0)
+    assert "latency.estimator=table" in capsys.readouterr().err
+    workers.check_latency_for_concurrency(compose_cfg("search.role=worker", "latency.estimator=table"), 0)
+    workers.check_latency_for_concurrency(compose_cfg("latency.estimator=measure"), 1)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(NasError, match="2 concurrent workers would disturb"):
+        workers.check_latency_for_concurrency(compose_cfg("latency.estimator=measure"), 2)

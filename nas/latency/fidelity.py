@@ -11,7 +11,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from nas.latency.estimator import measure_arch
-from nas.latency.table import LatencyTable, space_components
+from nas.latency.table import LatencyTable, arch_components, space_components
 from nas.space import Space
 
 CALIBRATION_SEED_OFFSET = 1_000_003  # calibration networks never overlap the validation sample
@@ -68,8 +68,13 @@ def build_table(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Measure every layer the space can produce, then calibrate on ``calibrate`` whole networks."""
-    measured = table.ensure(space_components(space, num_classes), progress)
+    """Measure every layer the space can produce, and those of its reference networks (MobileNetV2's expansion
+    6 in a space of 3 and 4, V3's 4.5), then calibrate on ``calibrate`` whole networks. All of it before any
+    trial trains: an entry missing at search time would be measured inside a worker, beside others' training."""
+    components = space_components(space, num_classes)
+    for arch in space.reference_archs().values():
+        components += arch_components(arch, num_classes)
+    measured = table.ensure(components, progress)
     if calibrate > 0 and (measured or table.calibration is None):
         rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
         archs = [space.sample(rng) for _ in range(calibrate)]

@@ -187,7 +187,7 @@ class LatencyTable:
 
     def ensure(self, components: Iterable[Component], progress: Callable[[int, int], None] | None = None) -> int:
         """Measure every component not yet in the table; returns how many were measured."""
-        todo = [c for c in components if c.key not in self.entries]
+        todo = list({c.key: c for c in components if c.key not in self.entries}.values())  # each layer once
         for i, comp in enumerate(todo):
             shape = (self.settings.batch_size, *comp.input_shape)
             self.entries[comp.key] = measure_module(comp.make(), shape, self.settings).median_ms

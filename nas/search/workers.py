@@ -73,6 +73,15 @@ def check_latency_for_concurrency(cfg: DictConfig, workers: int) -> None:
             f"{workers} concurrent workers would disturb each other's latency measurements; use the lookup "
             f"table (latency.estimator=table, built once before the workers start)"
         )
+    if cfg.search.get("role") == "worker" and cfg.latency.estimator == "measure":
+        # A hand-started worker cannot see who else trains on its device: say what is at stake, once.
+        print(
+            f"warning: worker {cfg.search.get('worker_index', 0)} measures every candidate's latency "
+            "(latency.estimator=measure): figures taken while other workers train on the same device are wrong; "
+            "with several workers per machine use latency.estimator=table",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 SECRET_ENV = {"study.storage": "NAS_STUDY_STORAGE", "mlflow.tracking_uri": "NAS_MLFLOW_TRACKING_URI"}
