@@ -136,3 +136,18 @@ def test_search_workers_inherit_the_storage_the_main_process_chose(tmp_path):
     settled = settle_storage(cfg, load_training_data(cfg))
     assert settled.data.storage == "stream" and cfg.data.storage == "auto"  # the workers' copy, not the user's
     assert settle_storage(cfg, ImageFolderSource(root, cache_dir=tmp_path / "c").load()).data.storage == "memory"
+
+
+def test_the_gpu_is_asked_for_its_free_memory_only_when_a_choice_needs_it(monkeypatch):
+    """Querying creates a CUDA context: DDP ranks must not each open one on GPU 0 for a set that is not weighed."""
+    from nas.data.loading import memory_budget
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(str(device)) or (4000, 8000))
+    budget = memory_budget(compose_cfg("data=imagefolder", "data.root=/x", "data.memory_limit_gb=0.00001").data,
+                           "cuda:1", processes=1, per_device=2)  # fmt: skip
+    assert asked == []
+    assert budget.choose(6000)[0] == "stream" and asked == []  # the host already says no
+    storage, why = budget.choose(1500)  # 2 trials x 1.5 kB > half of the GPU's 4 kB
+    assert storage == "stream" and why.endswith("free on the GPU") and asked == ["cuda:1"]
+    assert budget.choose(600)[0] == "memory"

@@ -27,10 +27,17 @@ class MemoryBudget:
     """What ``storage=auto`` weighs a decoded set against."""
 
     host_bytes: int
-    device_bytes: int | None  # free memory of the training GPU; None when training on the CPU
+    device_bytes: int | None  # free memory of the training GPU; None: asked of ``device`` when needed
     fraction: float
     processes: int = 1  # processes on this host that each hold a copy (search workers, DDP ranks)
     per_device: int = 1  # of them on one GPU (search.trials_per_gpu)
+    device: str | None = None  # the training GPU ("cuda", "cuda:N"); None when training on the CPU
+
+    def gpu_free(self) -> int | None:
+        """Asked only when a choice is made: querying creates a CUDA context on that device."""
+        if self.device_bytes is not None or self.device is None:
+            return self.device_bytes
+        return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
 
     def choose(self, decoded: int) -> tuple[str, str]:
         """(storage, why) for a set of ``decoded`` bytes."""
@@ -40,8 +47,9 @@ class MemoryBudget:
         why = f"{_gb(decoded)} decoded{copies}"
         if need_host > allow_host:
             return "stream", f"{why} > {self.fraction:.0%} of {_gb(self.host_bytes)} host memory available"
-        if self.device_bytes is not None and decoded * self.per_device > self.fraction * self.device_bytes:
-            return "stream", f"{why} > {self.fraction:.0%} of {_gb(self.device_bytes)} free on the GPU"
+        gpu = self.gpu_free()
+        if gpu is not None and decoded * self.per_device > self.fraction * gpu:
+            return "stream", f"{why} > {self.fraction:.0%} of {_gb(gpu)} free on the GPU"
         return "memory", f"{why} <= {self.fraction:.0%} of {_gb(self.host_bytes)} host memory available"
 
 
@@ -61,11 +69,12 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_budget(data_cfg: Any, on_gpu: bool, processes: int = 1, per_device: int = 1) -> MemoryBudget:
+def memory_budget(data_cfg: Any, gpu: str | None, processes: int = 1, per_device: int = 1) -> MemoryBudget:
+    """``gpu``: the training device ("cuda", "cuda:N"), or None on the CPU."""
     limit = data_cfg.get("memory_limit_gb")
     host = int(float(limit) * 1e9) if limit is not None else available_host_bytes()
-    device = int(torch.cuda.mem_get_info()[0]) if on_gpu and torch.cuda.is_available() else None
-    return MemoryBudget(host, device, float(data_cfg.get("memory_fraction", 0.5)), processes, per_device)
+    fraction = float(data_cfg.get("memory_fraction", 0.5))
+    return MemoryBudget(host, None, fraction, processes, per_device, gpu)
 
 
 def check_storage(data_cfg: Any) -> str:

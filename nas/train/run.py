@@ -135,8 +135,8 @@ def load_training_data(cfg: DictConfig, processes: int = 1, per_device: int = 1)
     ``data.storage`` decides for ``processes`` copies on this host (``per_device`` on one GPU). Its class
     count is the one every consumer uses; a stated ``data.num_classes`` that disagrees stops here."""
     check_data_cfg(cfg.data)
-    on_gpu = resolve_accelerator(cfg.train.accelerator) == "gpu"
-    return load_data(cfg.data, memory_budget(cfg.data, on_gpu, processes, per_device))
+    device = data_device(cfg)
+    return load_data(cfg.data, memory_budget(cfg.data, None if device == "cpu" else device, processes, per_device))
 
 
 def data_workers(data_cfg: DictConfig) -> int:
