@@ -71,6 +71,10 @@ def test_auto_streams_what_does_not_fit_and_says_why(tmp_path, capsys):
         load_training_data(compose_cfg("data=digits", "data.storage=stream"))
     with pytest.raises(DataError, match=r"data\.storage='disk' is not one of auto, memory, stream"):
         load_training_data(compose_cfg("data=digits", "data.storage=disk"))
+    with pytest.raises(DataError, match=r"data\.memory_fraction=1\.5 must be a fraction in \(0, 1\]"):
+        load_training_data(compose_cfg("data=digits", "data.memory_fraction=1.5"))
+    with pytest.raises(DataError, match=r"data\.memory_limit_gb='lots' must be a positive number"):
+        load_training_data(compose_cfg("data=digits", "data.memory_limit_gb=lots"))
     with pytest.raises(DataError, match=r"data\.workers=-1"):
         load_training_data(compose_cfg("data=digits", "data.workers=-1"))
 

@@ -92,9 +92,11 @@ class Batches:
             for c in chunks:
                 yield self.prepare(self.split.x[c], self.train, gen), self.split.y[c]
             return
+        order = idx.tolist()  # one copy from the device for the whole epoch, not one per batch
+        bs = self.batch_size
         loader = DataLoader(
             self.split.files,
-            batch_sampler=[c.tolist() for c in chunks],
+            batch_sampler=[order[i * bs : (i + 1) * bs] for i in range(len(chunks))],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers > 0 else None,

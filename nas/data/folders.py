@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -90,7 +91,8 @@ class FileImages(Dataset):
     def __getitem__(self, i: int) -> tuple:
         path = self.paths[i]
         if not self.decode:
-            return _digest(path), torch.tensor(header_size(path))
+            hw = header_size(path) if self.size is None else (self.size, self.size)  # resized anyway
+            return _digest(path), torch.tensor(hw)
         img = decode_file(path, self.size)
         return (img, self.labels[i], _digest(path)) if self.digests else (img, self.labels[i])
 
@@ -102,9 +104,12 @@ def _digest(path: str) -> torch.Tensor:
 
 def worker_errors(batches: Iterable[T]) -> Iterator[T]:
     """A DataError raised in a DataLoader worker arrives wrapped in its traceback: pass on its own message."""
+    it = iter(batches)
     try:
-        yield from batches
+        yield from it
     except DataError as exc:
+        # Stop the other workers now: left to the garbage collector they would each wait out a timeout.
+        getattr(it, "_shutdown_workers", lambda: None)()
         text = str(exc)
         if "Original Traceback" not in text:
             raise
@@ -237,6 +242,10 @@ class ImageFolderSource:
     def __call__(self) -> ImageSplits:
         return self.load()
 
+    @cached_property
+    def _scanned(self) -> tuple[FolderSplit, FolderSplit | None]:
+        return self.splits()
+
     def splits(self) -> tuple[FolderSplit, FolderSplit | None]:
         """The training split and the held-out one (``test/``, else ImageNet's ``val/``), scanned, not read."""
         root = self.root
@@ -255,13 +264,13 @@ class ImageFolderSource:
 
     def decoded_bytes(self) -> int:
         """The decoded set's size, from the file count and one header: what ``storage=auto`` weighs."""
-        train, test = self.splits()
+        train, test = self._scanned  # scanned once: storage=auto weighs, then loads (a million files)
         h, w = (self.image_size,) * 2 if self.image_size is not None else header_size(train.paths[0])
         n = len(train.paths) + (len(test.paths) if test is not None else 0)
         return n * 3 * h * w
 
     def load(self) -> ImageSplits:
-        train, test = self.splits()
+        train, test = self._scanned
         tx, ty, train_digest = self._cached_decode(train)
         test_x = test_y = None
         digests = [train_digest]
@@ -271,7 +280,7 @@ class ImageFolderSource:
         return ImageSplits(tx, ty, test_x, test_y, list(train.folder.classes), source_fingerprint=_combine(digests))
 
     def files(self) -> ImageFiles:
-        train, test = self.splits()
+        train, test = self._scanned
         train_digest, (h, w) = self._cached_hash(train)
         digests = [train_digest]
         if test is not None:

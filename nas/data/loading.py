@@ -81,6 +81,11 @@ def check_storage(data_cfg: Any) -> str:
     storage = str(data_cfg.get("storage", "auto"))
     if storage not in STORAGES:
         raise DataError(f"data.storage={storage!r} is not one of {', '.join(STORAGES)}")
+    fraction, limit = data_cfg.get("memory_fraction", 0.5), data_cfg.get("memory_limit_gb")
+    if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise DataError(f"data.memory_fraction={fraction!r} must be a fraction in (0, 1], e.g. 0.5")
+    if limit is not None and (not isinstance(limit, int | float) or isinstance(limit, bool) or limit <= 0):
+        raise DataError(f"data.memory_limit_gb={limit!r} must be a positive number of GB, or null for the free memory")
     return storage
 
 
