@@ -51,7 +51,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except NasError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"error: {exc}\n")  # one write: DDP ranks share the stream, lines must not interleave
+            sys.stderr.flush()
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nas.errors import NasError
-from nas.image_resize import RESIZE, resize_images
+from nas.image_resize import RESIZE, decode_stored, resize_images, stored_size
 from nas.models import build
 from nas.retrain.export import Preprocess, write_bundle
 from nas.space import decode
@@ -31,11 +31,16 @@ class Classifier:
         self._std = torch.tensor(pre.std).view(1, -1, 1, 1)
 
     def _tensor(self, image: ImageLike) -> torch.Tensor:
+        """uint8 (C, H, W) as training stored it: a folder's files decoded to ``image_size`` the way the data
+        loader decodes them (JPEG draft included), other images resized to it."""
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
         if isinstance(image, str | Path):
-            image = Image.open(image)
+            with Image.open(image) as pil:
+                return self._tensor(pil)
+        if isinstance(image, Image.Image) and self.pre.image_size is not None:
+            return decode_stored(image, self.pre.image_size)  # RGB: folders are decoded as RGB
         if isinstance(image, Image.Image):
             image = image.convert("L" if self.pre.channels == 1 else "RGB")
             t = TF.pil_to_tensor(image)
@@ -50,10 +55,10 @@ class Classifier:
             t = TF.rgb_to_grayscale(t)
         if t.shape[0] == 1 and self.pre.channels == 3:
             t = t.expand(3, -1, -1)
-        return t
+        return stored_size(t, self.pre.image_size)
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """The training's own resize (``nas.image_resize.resize_images``), image by image (sizes may differ)."""
+        """The training's own decode and resize (``nas.image_resize``), image by image (sizes may differ)."""
         res = self.pre.resolution
         x = torch.cat([resize_images(self._tensor(i).float().div(255).unsqueeze(0), res) for i in images])
         x = (x - self._mean) / self._std

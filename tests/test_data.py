@@ -58,6 +58,32 @@ def test_train_batches_reshuffle_each_epoch_reproducibly():
     assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
 
 
+def test_limit_train_images_takes_an_equal_share_of_every_class(tmp_path):
+    """Folders list files class by class: a limit must not keep the first classes only (both storages)."""
+    from nas.data.datamodule import balanced_subset
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", per_class=12, size=8)
+    for storage in ("memory", "stream"):
+        cfg = compose_cfg("data=imagefolder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+                          f"data.storage={storage}", "data.workers=0", "data.val_size=4",
+                          "train.limit_train_images=8")  # fmt: skip
+        dm = make_datamodule(cfg, load_training_data(cfg), 8)
+        assert torch.bincount(dm.train_split.y, minlength=2).tolist() == [4, 4], storage
+        assert len(dm.val_split.y) == 4  # validation keeps every class too, untouched by the limit
+    # A class with fewer images gives all it has and the others share the rest; seeded, sorted, no repeats.
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 10)
+    index = torch.arange(100, 122)
+    chosen = balanced_subset(index, labels, 12, seed=0)
+    assert torch.bincount(labels[chosen - 100]).tolist() == [5, 2, 5]
+    assert torch.equal(chosen, chosen.sort().values) and len(set(chosen.tolist())) == 12
+    assert torch.equal(chosen, balanced_subset(index, labels, 12, seed=0))
+    assert not torch.equal(chosen, balanced_subset(index, labels, 12, seed=1))
+    assert torch.equal(balanced_subset(index, labels, 50, seed=0), index)  # more than there are: all
+    with pytest.raises(DataError, match=r"train\.limit_train_images=0 must be a whole number >= 1"):
+        balanced_subset(index, labels, 0, seed=0)
+
+
 def test_random_crop_flip_is_a_per_image_shifted_window():
     gen = torch.Generator().manual_seed(0)
     x = torch.arange(8 * 8, dtype=torch.uint8).view(1, 1, 8, 8).repeat(64, 2, 1, 1) + 1
@@ -222,6 +248,43 @@ def test_nas_load_sees_the_pixels_training_saw_when_it_resizes():
     skipped = torch.nn.functional.interpolate(images.float() / 255, size=(24, 24), mode="bilinear", antialias=False)
     assert not torch.allclose((skipped - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1),
                               trained_on, atol=1e-3)  # fmt: skip
+
+
+def test_nas_load_decodes_a_folders_files_as_training_did_at_data_image_size(tmp_path):
+    """JPEGs of 64 px in a folder read with data.image_size=24 for a 16-px network: training decodes with
+    libjpeg's draft (64 -> 32), resizes to 24 as uint8, then to 16. A bundle from the retrain's own
+    preprocessing record gives nas.load exactly those network inputs from the files (and from PIL images)."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_pil_image
+
+    from nas.inference import Classifier
+    from nas.models import build
+    from nas.retrain.run import _preprocess
+    from nas.space import decode
+    from tests.conftest import TINY_ARCH
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=gen), size=64, mode="bicubic")
+                to_pil_image(smooth[0].clamp(0, 1)).save(tmp_path / "imgs" / split / cls / f"{i}.jpg", quality=90)
+    cfg = compose_cfg("data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.image_size=24", "data.storage=stream",
+                      "data.workers=0", "data.val_size=2", f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    dm = make_datamodule(cfg, load_training_data(cfg), 16)
+    dm.setup("test")
+    trained_on = torch.cat([x for x, _ in dm.test_dataloader()])
+    paths = dm.test_split.files.paths
+    pre = _preprocess(cfg, dm, 16, 3)
+    assert pre.image_size == 24
+    clf = Classifier(build(decode(TINY_ARCH), 2), pre, TINY_ARCH)
+    assert torch.equal(clf.preprocess(paths), trained_on)
+    assert torch.equal(clf.preprocess([Image.open(p) for p in paths]), trained_on)
+    # One resize from the full file (what nas.load did before) gives other pixels: the check can fail.
+    direct = Classifier(build(decode(TINY_ARCH), 2), _preprocess(compose_cfg(), dm, 16, 3), TINY_ARCH)
+    assert direct.pre.image_size is None
+    assert (direct.preprocess(paths) - trained_on).abs().max() > 0.05
 
 
 def test_a_bundle_made_with_another_resize_is_refused(tmp_path):

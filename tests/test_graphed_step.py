@@ -140,6 +140,24 @@ def test_settings_a_captured_graph_cannot_follow_are_refused_before_training():
     assert compose_cfg("train/schedule=onecycle").train.schedule.cycle_momentum is True  # eager keeps torch's
 
 
+def test_a_captured_step_under_ddp_is_refused_up_front_and_at_the_first_step(monkeypatch):
+    """The graphed step calls plain backward() under manual optimization: DDP's all-reduce never runs and
+    every process would train its own model. Refused on any machine before anything loads, and by the
+    module itself however the processes were started."""
+    for extra in ("train.devices=2", "train.num_nodes=2"):
+        with pytest.raises(NasError, match=re.escape("cannot train with DDP (2 processes)")):
+            check_train_cfg(compose_cfg("train.cuda_graph=true", extra))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun with train.devices left at 1
+    with pytest.raises(NasError, match=re.escape("Set train.cuda_graph=false for a multi-process run")):
+        check_train_cfg(compose_cfg("train.cuda_graph=true"))
+    monkeypatch.delenv("WORLD_SIZE")
+    module = ClassifierModule(TINY_ARCH, 10, optimizer=instantiate(compose_cfg().train.optimizer), cuda_graph=True)
+    module._trainer = type("Trainer", (), {"world_size": 2})()  # what Lightning's DDP gives the module
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with pytest.raises(NasError, match=re.escape("cannot train with DDP (2 processes)")):
+        module._graphed_step(x, y)
+
+
 def test_a_replay_stops_when_a_setting_the_graph_baked_in_has_changed():
     """G1's safety net: any optimizer setting besides the rate that moves after capture stops the run."""
     model = torch.nn.Linear(4, 2)

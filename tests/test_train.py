@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from nas.space import decode
-from nas.train.module import ClassifierModule, param_groups
-from nas.train.run import load_training_data, make_datamodule, make_module, train_arch
+from nas.train.module import ClassifierModule, NonFiniteLossError, param_groups
+from nas.train.run import load_training_data, make_datamodule, make_module, make_trainer, train_arch
 from nas.train.schedules import cosine, one_cycle
 from tests.conftest import TINY_ARCH, compose_cfg
 
@@ -138,3 +140,52 @@ def test_epoch_counts_stay_exact_when_the_module_is_cast_to_bf16():
     assert sums.dtype == torch.float32
     assert float(sums[1]) == pytest.approx(float(result.module.trainer.callback_metrics["train_acc"]) * images)
     assert 0.3 < float(result.module.trainer.callback_metrics["train_acc"]) <= 1.0
+
+
+
+class _NanOnRank1(ClassifierModule):
+    """Rank 1 alone sees a non-finite loss at its first step (rank 0's stay finite); each rank that stops
+    writes its message to ``folder``."""
+
+    folder: Path
+
+    def _accumulate(self, loss, logits, y):
+        if self.global_rank == 1 and self._epoch_steps == 0:
+            loss = loss * float("nan")
+        super()._accumulate(loss, logits, y)
+
+    def _raise_if_nonfinite(self):
+        try:
+            super()._raise_if_nonfinite()
+        except NonFiniteLossError as exc:
+            (self.folder / f"rank{self.global_rank}").write_text(str(exc))
+            raise
+
+
+def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path, monkeypatch):
+    """Two gloo processes (forked: nothing to import again): the count of non-finite losses is summed over the
+    ranks at the check, so both stop at the same step with the same message, rather than one raising while
+    the other waits in the next gradient all-reduce until the collective times out."""
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK"):  # the launcher sets them
+        monkeypatch.delenv(var, raising=False)
+    cfg = compose_cfg("data=digits", "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp_fork",
+                      "train.epochs=1", "data.repeat=1", "train.batch_size=32",
+                      "train.limit_train_images=256")  # fmt: skip
+    dm = make_datamodule(cfg, load_training_data(cfg), 16)
+    module = make_module(cfg, decode(TINY_ARCH), dm.num_classes)
+    module.__class__, module.folder = _NanOnRank1, tmp_path
+    with pytest.raises(Exception, match="training loss became NaN"):
+        make_trainer(cfg).fit(module, datamodule=dm)
+    said = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert said == {r: "training loss became NaN or infinite in epoch 0 (by step 4)" for r in ("rank0", "rank1")}
+
+
+def test_nas_train_stops_a_diverged_run_with_one_line_and_the_fix(capsys):
+    from nas.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(compose_cfg(f"arch={TINY_ARCH}", "data=digits", "train.epochs=1", "train.optimizer.lr=1e30"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training loss became NaN or infinite in epoch 0 (by step ")
+    assert "Lower the learning rate (train.optimizer.lr=1e+30 now) and run again" in err and "Traceback" not in err

@@ -130,6 +130,24 @@ def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[list[float], list[fl
     return mean.tolist(), var.clamp_min(0).sqrt().tolist()
 
 
+def balanced_subset(index: torch.Tensor, labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """``limit`` entries of ``index`` (whose labels are ``labels``) dealt class by class, seeded, so that every
+    class is equally represented (one with fewer images gives all it has, the others share the rest). Files
+    come sorted by class: the first ``limit`` would be the first classes only."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise DataError(f"train.limit_train_images={limit!r} must be a whole number >= 1, or null for every image")
+    if limit >= len(index):
+        return index
+    perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm]
+    by_class = torch.argsort(shuffled, stable=True)  # grouped by class, in random order within each
+    grouped = shuffled[by_class]
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(len(by_class)) - torch.searchsorted(grouped, grouped)  # place within its class
+    dealt = torch.argsort(rank * (int(labels.max()) + 1) + shuffled)  # the 1st of every class, then the 2nd, ...
+    return index[perm[dealt[:limit]]].sort().values
+
+
 class TensorImageDataModule(pl.LightningDataModule):
     """Train / validation (carved from train, seeded) / test splits of a small-image data set.
 
@@ -201,7 +219,8 @@ class TensorImageDataModule(pl.LightningDataModule):
         n = len(data.train.labels) if isinstance(data, ImageFiles) else len(data.train_y)
         train_idx, val_idx = self.split_indices(n, self.val_size, self.split_seed)
         if self.limit_train is not None:
-            train_idx = train_idx[: self.limit_train]
+            labels = data.train.labels if isinstance(data, ImageFiles) else data.train_y
+            train_idx = balanced_subset(train_idx, labels[train_idx].cpu(), self.limit_train, self.split_seed)
         if self.train_on_val:
             train_idx = torch.cat([train_idx, val_idx])
         if isinstance(data, ImageFiles):

@@ -23,9 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
-from torchvision.transforms.v2 import functional as TF
 
 from nas.data.sources import DataError, ImageSplits
+from nas.image_resize import decode_stored
 
 T = TypeVar("T")
 FINGERPRINT_VERSION = "v2"
@@ -41,22 +41,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def decode_file(path: str, size: int | None) -> torch.Tensor:
-    """One file as RGB uint8 (3, H, W), resized (antialiased) to ``size`` x ``size`` when set. PIL reads every
-    format ImageFolder lists; a JPEG larger than twice ``size`` is first reduced while decoding (``draft``,
-    libjpeg's DCT scaling: several times faster at ImageNet sizes). A file that cannot be decoded stops with
-    its path."""
+    """One file as RGB uint8 (3, H, W) at ``size`` x ``size`` when set (:func:`nas.image_resize.decode_stored`,
+    which ``nas.load`` uses too). PIL reads every format ImageFolder lists. A file that cannot be decoded stops
+    with its path."""
     try:
         with Image.open(path) as pil:
-            if size is not None:
-                pil.draft("RGB", (size, size))
-            img = TF.pil_to_tensor(pil.convert("RGB"))
+            return decode_stored(pil, size)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(
             f"cannot decode {path}: {_first_line(exc)}. Replace or remove the file (a truncated copy?) and run again"
         ) from None
-    if size is not None and tuple(img.shape[1:]) != (size, size):
-        img = TF.resize(img, [size, size], antialias=True)
-    return img
 
 
 def header_size(path: str) -> tuple[int, int]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import platform
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from time import perf_counter
 
 import torch
 from torch import nn
@@ -148,9 +148,9 @@ def _measure_cpu(model: nn.Module, x: torch.Tensor, s: LatencySettings) -> list[
             model(x)
         samples = []
         for _ in range(s.repeats):
-            t0 = time.perf_counter()
+            t0 = perf_counter()
             model(x)
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((perf_counter() - t0) * 1e3)
     return samples
 
 

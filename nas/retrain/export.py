@@ -28,6 +28,7 @@ class Preprocess:
     channels: int  # of the source images: 1 (grayscale, repeated to 3) or 3
     classes: list[str]
     resize: str = RESIZE  # how images reach `resolution` (bundles written before the field: read as this one)
+    image_size: int | None = None  # the side a folder's files were decoded to first (data.image_size), if any
 
 
 def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess) -> Path:

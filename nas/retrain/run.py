@@ -32,6 +32,7 @@ from nas.train.run import (
     apply_hparams,
     check_data_cfg,
     check_train_cfg,
+    divergence_error,
     load_training_data,
     make_datamodule,
     make_module,
@@ -123,13 +124,16 @@ def check_same_setup(study: optuna.Study, cfg: DictConfig) -> None:
         )
 
 
-def _preprocess(dm: TensorImageDataModule, resolution: int, channels: int) -> Preprocess:
+def _preprocess(cfg: DictConfig, dm: TensorImageDataModule, resolution: int, channels: int) -> Preprocess:
+    """What ``nas.load`` must do to an image to give the network the pixels training gave it."""
+    stored = cfg.data.get("loader", {}).get("image_size")  # a folder decoded at data.image_size
     return Preprocess(
         resolution=resolution,
         mean=dm.mean.flatten().tolist(),
         std=dm.std.flatten().tolist(),
         channels=channels,
         classes=list(dm.classes),
+        image_size=None if stored is None else int(stored),
     )
 
 
@@ -164,10 +168,7 @@ def _fit(
     try:
         trainer.fit(module, datamodule=dm)
     except NonFiniteLossError as exc:
-        raise NasError(
-            f"{exc}: nothing registered. Lower the learning rate (train.optimizer.lr="
-            f"{run_cfg.train.optimizer.lr:g} now) and run again"
-        ) from None
+        raise divergence_error(exc, run_cfg, ": nothing registered") from None
     test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
     return module.model.cpu().eval(), test_acc
 
@@ -202,7 +203,7 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
             if budget is not None:
                 mlflow.log_metric("budget_ms", budget)
             name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
-            pre = _preprocess(dm, arch.resolution, splits.image_shape[0])
+            pre = _preprocess(cfg, dm, arch.resolution, splits.image_shape[0])
             move_alias = not result.over_budget or bool(cfg.retrain.allow_over_budget)
             result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias)
             result.model_name = name if result.model_version else None

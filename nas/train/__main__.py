@@ -9,7 +9,8 @@ from nas.cli import CONF_DIR, quiet_libraries, user_errors
 from nas.errors import NasError
 from nas.models import cost
 from nas.space import arch_from_text
-from nas.train.run import check_train_cfg, load_training_data, make_datamodule, train_arch
+from nas.train.module import NonFiniteLossError
+from nas.train.run import check_train_cfg, divergence_error, load_training_data, make_datamodule, train_arch
 
 
 @user_errors
@@ -28,7 +29,10 @@ def main(cfg: DictConfig) -> float:
         f"{len(dm.train_split.y)} train / {len(dm.val_split.y)} val images; {cfg.train.epochs} epochs",
         flush=True,
     )
-    result = train_arch(cfg, arch, dm)
+    try:
+        result = train_arch(cfg, arch, dm)
+    except NonFiniteLossError as exc:
+        raise divergence_error(exc, cfg) from None
     print(f"val_acc={result.val_acc:.4f} val_loss={result.val_loss:.4f} after {result.epochs} epochs")
     return result.val_acc
 

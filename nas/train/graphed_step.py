@@ -50,6 +50,16 @@ def graph_ready_optimizer(optimizer: torch.optim.Optimizer, param_groups: list[d
     return kind(param_groups, **settings)
 
 
+def ddp_refusal(processes: int) -> str:
+    """Why a captured step and DDP do not go together: the graph replays one process's step without DDP's
+    gradient all-reduce, so every process would train a model of its own on its share of the data."""
+    return (
+        f"train.cuda_graph=true cannot train with DDP ({processes} processes): the captured step leaves out DDP's "
+        "gradient all-reduce, so every process would train its own model. Set train.cuda_graph=false for a "
+        "multi-process run"
+    )
+
+
 class GraphedTrainStep:
     """Runs ``body(x, y)`` on fixed buffers: eager for ``warmup`` steps, then as one replayed CUDA graph."""
 

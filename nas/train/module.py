@@ -10,9 +10,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from nas.errors import NasError
 from nas.models import build
 from nas.space import Arch, decode
-from nas.train.graphed_step import GraphedTrainStep, graph_ready_optimizer
+from nas.train.graphed_step import GraphedTrainStep, ddp_refusal, graph_ready_optimizer
 
 OptimizerFactory = Callable[[Iterable[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -127,6 +128,8 @@ class ClassifierModule(pl.LightningModule):
         self._accumulate(loss.detach(), logits.detach(), y)
 
     def _graphed_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.trainer.world_size > 1:  # however the processes were started (the config check sees most)
+            raise NasError(ddp_refusal(self.trainer.world_size))
         lightning_optimizer = self.optimizers()
         if self._graphed is None:
             self._graphed = GraphedTrainStep(self._train_step_body, lightning_optimizer.optimizer)
@@ -163,7 +166,14 @@ class ClassifierModule(pl.LightningModule):
             self._raise_if_nonfinite()
 
     def _raise_if_nonfinite(self) -> None:
-        if bool(self._epoch_sums[2] > 0):
+        """Under DDP the count is summed over the processes first: every rank checks at the same step, so all
+        stop together with the same message (a rank that raised alone would leave the others waiting in the
+        next gradient all-reduce until the collective times out)."""
+        nonfinite = self._epoch_sums[2]
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            nonfinite = trainer.strategy.reduce(nonfinite.clone(), reduce_op="sum")
+        if bool(nonfinite > 0):
             raise NonFiniteLossError(
                 f"training loss became NaN or infinite in epoch {self.current_epoch} (by step {self._epoch_steps})"
             )

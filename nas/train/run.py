@@ -22,8 +22,8 @@ from nas.data.loading import ImageData, check_storage, load_data, memory_budget
 from nas.data.sources import DataError
 from nas.errors import NasError
 from nas.space import Arch
-from nas.train.graphed_step import GRAPH_OPTIMIZERS
-from nas.train.module import ClassifierModule
+from nas.train.graphed_step import GRAPH_OPTIMIZERS, ddp_refusal
+from nas.train.module import ClassifierModule, NonFiniteLossError
 
 
 def resolve_accelerator(choice: str) -> str:
@@ -75,6 +75,9 @@ def use_cuda_graph(train_cfg: DictConfig) -> bool:
             f"value it was captured with; {schedule.get('_target_')} cycles it): set "
             "train.schedule.cycle_momentum=false, or train.cuda_graph=false"
         )
+    processes = int(train_cfg.get("devices", 1)) * int(train_cfg.get("num_nodes", 1))
+    if processes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise NasError(ddp_refusal(processes))
     if resolve_accelerator(train_cfg.accelerator) != "gpu":
         raise NasError(
             "train.cuda_graph=true captures the training step as a CUDA graph and needs a CUDA device; "
@@ -235,6 +238,13 @@ def make_trainer(
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def divergence_error(exc: NonFiniteLossError, cfg: DictConfig, consequence: str = "") -> NasError:
+    """A diverged run as one line with the fix; under DDP every rank raises the same one."""
+    return NasError(
+        f"{exc}{consequence}. Lower the learning rate (train.optimizer.lr={cfg.train.optimizer.lr:g} now) and run again"
+    )
 
 
 @dataclass
