@@ -20,6 +20,7 @@ from nas.urls import mask_url
 
 FINALISTS_SUFFIX = ".finalists"  # the finalist round's own study: <study>.finalists in the same storage
 ROUND_ATTR = "finalist_round"  # on the search study: the round's outcome (winner, tau, settings)
+LATENCY_ATTR = "latency_table"  # on the search study: the layer latencies and calibration it predicts with
 
 
 def make_storage(cfg: DictConfig) -> RDBStorage:
@@ -89,3 +90,11 @@ def finalist_round(study: optuna.Study) -> dict[str, Any] | None:
     no finalist's measured latency met the budget), ``trained`` (networks in the study then), ``kendall_tau``,
     ``epochs``, ``seeds``, ``candidates``."""
     return study.user_attrs.get(ROUND_ATTR)
+
+
+def stored_latency_table(storage: Any, name: str) -> dict[str, Any] | None:
+    """The layer latencies and calibration study ``name`` predicts with (``latency.estimator=table``), when the
+    study exists and has them; read before the study is opened, so that nothing is measured again for it."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage).user_attrs.get(LATENCY_ATTR)

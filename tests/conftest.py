@@ -59,12 +59,10 @@ def budget_at_percentile(space_file: Path, cfg: DictConfig, q: float) -> float:
     import numpy as np
 
     from nas.latency.estimator import make_estimator
-    from nas.latency.fidelity import build_table
     from nas.space import load_space
 
     space = load_space(space_file)
-    estimator = make_estimator(cfg.latency, 10)
-    build_table(space, estimator.table, 10, int(cfg.latency.calibrate), int(cfg.seed))
+    estimator = make_estimator(cfg.latency, 10, space, int(cfg.seed))
     return float(np.quantile([estimator.latency_ms(space.sample(seed)) for seed in range(200)], q))
 
 

@@ -12,8 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nas.latency.estimator import measure_arch
-from nas.latency.measure import LatencySettings, measure_module
+from nas.latency.measure import LatencySettings, measure_arch, measure_module
 from nas.latency.table import arch_components
 from nas.space import arch_from_text, decode
 from nas.train.run import load_training_data, make_datamodule, train_arch

@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from nas.latency.estimator import MeasuredLatency, TableLatency, measure_arch
-from nas.latency.measure import LatencySettings, measure_module
-from nas.latency.table import LatencyTable, arch_components, space_components, table_id
+from nas.latency.estimator import MeasuredLatency, TableLatency
+from nas.latency.measure import LatencySettings, measure_arch, measure_module
+from nas.latency.table import Calibration, LatencyTable, LayerModel, arch_components, space_components, table_id
 from nas.models import cost
 from nas.space import arch_from_text, decode, load_space, reference
 from tests.conftest import TINY_ARCH, subprocess_env
@@ -100,10 +100,13 @@ def test_single_block_prediction_is_stem_plus_block_plus_head(tmp_path):
     table.ensure(comps)
     stem, block, head = (table.entries[c.key] for c in comps)
     assert table.predict(arch, 10) == pytest.approx(stem + block + head)
-    table.calibrate([1.0, 2.0, 3.0], [2.5, 4.5, 6.5])  # measured = 2 * sum + 0.5
-    assert table.calibration == pytest.approx((2.0, 0.5))
-    assert TableLatency(table, 10).latency_ms(arch) == pytest.approx(2 * (stem + block + head) + 0.5)
-    assert LatencyTable(FAST, tmp_path).calibration == pytest.approx((2.0, 0.5))  # persisted
+    cal = table.calibrate("s", [1.0, 2.0, 3.0], [2.5, 4.5, 6.5])  # measured = 2 * sum + 0.5
+    assert (cal.a, cal.b, cal.networks) == (pytest.approx(2.0), pytest.approx(0.5), 3)
+    assert table.predict(arch, 10, cal) == pytest.approx(2 * (stem + block + head) + 0.5)
+    assert LatencyTable(FAST, tmp_path).calibrations == {"s": cal}  # persisted
+    model = LayerModel(FAST.key_fields(), {c.key: table.entries[c.key] for c in comps}, cal)
+    assert TableLatency(model, FAST, 10).latency_ms(arch) == pytest.approx(2 * (stem + block + head) + 0.5)
+    assert LayerModel.from_record(json.loads(json.dumps(model.record()))) == model  # what a study keeps
 
 
 def test_v1_and_v2_layouts_are_tabled_and_predicted(tmp_path):
@@ -129,11 +132,10 @@ def test_a_calibrated_prediction_never_drops_to_zero_or_below(tmp_path):
     table = LatencyTable(FAST, tmp_path)
     table.ensure(arch_components(arch, 10))
     raw = table.raw_sum(arch, 10)
-    table.calibrate([10 * raw, 20 * raw], [5 * raw, 15 * raw])  # slope 1, intercept -5 x raw
-    assert table.calibration == pytest.approx((1.0, -5 * raw))
-    assert table.predict(arch, 10) == pytest.approx(0.1 * raw)  # the floor, not -4 x raw
-    table.calibrate([raw, 2 * raw], [raw, 2 * raw])
-    assert table.predict(arch, 10) == pytest.approx(raw)  # a sensible line is untouched
+    cal = Calibration.fit([10 * raw, 20 * raw], [5 * raw, 15 * raw])  # slope 1, intercept -5 x raw
+    assert (cal.a, cal.b) == (pytest.approx(1.0), pytest.approx(-5 * raw))
+    assert table.predict(arch, 10, cal) == pytest.approx(0.1 * raw)  # the floor, not -4 x raw
+    assert table.predict(arch, 10, Calibration.fit([raw, 2 * raw], [raw, 2 * raw])) == pytest.approx(raw)  # untouched
 
 
 def test_cache_key_changes_with_device_batch_and_mode(monkeypatch):
@@ -179,7 +181,7 @@ def test_cli_build_table_and_validate(tmp_path, tiny_space):
         env=subprocess_env(),
         timeout=300,
     )
-    counts = re.compile(r"(\d+) entries \((\d+) measured now, (\d+) from cache\); calibration a=")
+    counts = re.compile(r"(\d+) entries \((\d+) measured now, (\d+) from cache\); calibration a=\S+ b=\S+ ms for sp")
     first, again = run("build-table"), run("build-table")
     assert first.returncode == again.returncode == 0, first.stderr + again.stderr
     n, measured, cached = map(int, counts.search(first.stdout).groups())
@@ -258,16 +260,44 @@ def test_a_noisy_measurement_is_taken_again_and_the_steadiest_kept():
 def test_the_table_holds_the_references_layers_before_any_trial(tmp_path, tiny_space):
     """Review finding C3: a reference's layers (MobileNetV3-Small's expansions 4.5 and 3.67 in a space of 2 and
     3) are measured when the table is built, not on demand inside workers while others train."""
-    from nas.latency.fidelity import build_table
+    from nas.latency.table import build_table
 
     tiny_space.write_text(
         tiny_space.read_text() + "references:\n  - {name: mobilenet_v3_small, stem_stride: 1, first_stride2_as_1: 1}\n"
     )
     space = load_space(tiny_space)
     table = LatencyTable(FAST, tmp_path)
-    build_table(space, table, 10, calibrate=0, seed=0)
+    built = build_table(space, table, 10, calibrate=0, seed=0)
     measured = table.measured
     (ref,) = space.reference_archs().values()
     assert any(c.key not in {s.key for s in space_components(space, 10)} for c in arch_components(ref, 10))
     table.predict(ref, 10)
     assert table.measured == measured  # nothing left to measure at search time
+    assert built.model.predict(ref, 10) == pytest.approx(table.predict(ref, 10))  # the study's copy holds them too
+
+
+def test_each_space_keeps_its_own_calibration_in_a_shared_table_file(tmp_path, tiny_space, monkeypatch):
+    """Issue 25, finding 2: a table file is shared by every space measured with the same settings. Building
+    space B's table must not refit the calibration space A's studies predict with, and a rebuild of A measures
+    no whole network again; another latency.calibrate is another calibration, fitted when asked for."""
+    from nas.latency import table as table_module
+    from nas.latency.table import build_table
+
+    wide = tiny_space.with_name("wide.yaml")
+    wide.write_text(tiny_space.read_text().replace("width: [0.25, 0.5]", "width: [0.75]"))
+    space_a, space_b = load_space(tiny_space), load_space(wide)
+    assert space_a.fingerprint() != space_b.fingerprint()
+    measured_networks = []
+    real = table_module.measure_arch
+    monkeypatch.setattr(table_module, "measure_arch", lambda *a: measured_networks.append(1) or real(*a))
+    a = build_table(space_a, LatencyTable(FAST, tmp_path), 10, calibrate=2, seed=0)
+    arch = space_a.sample(0)
+    before = a.model.predict(arch, 10)
+    b = build_table(space_b, LatencyTable(FAST, tmp_path), 10, calibrate=2, seed=0)
+    assert len(measured_networks) == 4 and b.calibration != a.calibration
+    again = build_table(space_a, LatencyTable(FAST, tmp_path), 10, calibrate=2, seed=0)
+    assert len(measured_networks) == 4 and again.measured == 0  # A's calibration read back, nothing measured
+    assert again.calibration == a.calibration and again.model.predict(arch, 10) == before
+    assert len(LatencyTable(FAST, tmp_path).calibrations) == 2  # one file, one calibration per space
+    three = build_table(space_a, LatencyTable(FAST, tmp_path), 10, calibrate=3, seed=0)
+    assert len(measured_networks) == 7 and three.calibration.networks == 3  # latency.calibrate takes effect

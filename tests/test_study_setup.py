@@ -182,6 +182,29 @@ def test_resume_refuses_settings_that_change_what_trials_mean(in_tmp, tiny_space
     _search(tiny_space, "trials=0", "study.name=s", "latency.repeats=7")  # the same setup resumes as before
 
 
+def test_a_resumed_table_study_predicts_with_its_own_layers_and_calibration(in_tmp, tiny_space, monkeypatch):
+    """Issue 25, finding 2: the study keeps the layer latencies and calibration its trials were judged by. A
+    resume (or a worker) predicts exactly those figures, measures nothing, whatever happened to the table file
+    (here: deleted); another latency.calibrate is refused, naming it."""
+    from nas.latency import table as table_module
+    from nas.search.runner import open_session
+    from nas.space import decode
+    from nas.studies import LATENCY_ATTR
+
+    table = ("latency.estimator=table", "latency.calibrate=2", "study.name=t")
+    first = _search(tiny_space, "trials=1", *table)
+    trial = next(t for t in first.study.trials if t.state == TrialState.COMPLETE)
+    assert first.study.user_attrs[LATENCY_ATTR]["calibration"]["networks"] == 2
+    shutil.rmtree(in_tmp / "outputs" / "latency")
+    monkeypatch.setattr(table_module.LatencyTable, "ensure", lambda *a, **k: pytest.fail("measured again"))
+    session = open_session(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", *table))
+    estimator = session.objective.estimator
+    assert estimator.latency_ms(decode(trial.user_attrs["arch"])) == trial.user_attrs["latency_ms"]  # exactly
+    assert not (in_tmp / "outputs" / "latency").exists()
+    with pytest.raises(NasError, match=r"latency\.calibrate: 2 -> 3"):
+        _search(tiny_space, "trials=1", *table[:1], "latency.calibrate=3", "study.name=t")
+
+
 def test_mnas_exponent_is_part_of_an_mnas_study(in_tmp, tiny_space):
     _search(tiny_space, "trials=0", "study.name=m", "search.objective=mnas", "latency.budget_ms=1")
     with pytest.raises(NasError, match=r"search.mnas_exponent: -0.07 -> -0.15"):

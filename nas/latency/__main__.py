@@ -11,9 +11,10 @@ from omegaconf import DictConfig
 
 from nas.cli import CONF_DIR, quiet_libraries, user_errors
 from nas.errors import NasError
-from nas.latency.estimator import measure_arch, settings_from_cfg
-from nas.latency.fidelity import build_table, validate
-from nas.latency.table import LatencyTable
+from nas.latency.estimator import settings_from_cfg
+from nas.latency.fidelity import validate
+from nas.latency.measure import measure_arch
+from nas.latency.table import LatencyTable, build_table
 from nas.models import cost
 from nas.space import arch_from_text, require_space
 
@@ -42,21 +43,24 @@ def _build(cfg: DictConfig) -> None:
     space = require_space(cfg)
     table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
     print(f"latency table {table.path} for space {space.name} on {table.settings.device_name()}")
-    measured = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
-    cal = table.calibration
+    built = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
+    cal = built.calibration
     print(
-        f"{len(table.entries)} entries ({measured} measured now, {len(table.entries) - measured} from cache); "
-        f"calibration a={cal[0]:.4f} b={cal[1]:.4f} ms"
-        if cal
-        else "no calibration"
+        f"{len(table.entries)} entries ({built.measured} measured now, {len(table.entries) - built.measured} from "
+        "cache); "
+        + (
+            f"calibration a={cal.a:.4f} b={cal.b:.4f} ms for space {space.name} ({cal.networks} networks)"
+            if cal
+            else "no calibration (latency.calibrate=0)"
+        )
     )
 
 
 def _validate(cfg: DictConfig) -> None:
     space = require_space(cfg)
     table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
-    build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
-    report = validate(space, table, _num_classes(cfg), int(cfg.n), int(cfg.seed))
+    built = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
+    report = validate(space, table, built.calibration, _num_classes(cfg), int(cfg.n), int(cfg.seed))
     print("\n".join(report.lines()))
     out = Path(cfg.latency.table_dir) / f"validate-{space.name}-{table.path.stem.removeprefix('table-')}.json"
     out.write_text(json.dumps(report.as_dict(), indent=1))

@@ -8,10 +8,9 @@ import torch
 from omegaconf import DictConfig
 
 from nas.errors import NasError
-from nas.latency.measure import LatencySettings, LatencyStats, measure_module
-from nas.latency.table import LatencyTable
-from nas.models import build
-from nas.space import Arch
+from nas.latency.measure import LatencySettings, measure_arch
+from nas.latency.table import LatencyTable, LayerModel, build_table
+from nas.space import Arch, Space
 
 ESTIMATORS = ("measure", "table")
 
@@ -37,11 +36,6 @@ def settings_from_cfg(cfg: DictConfig) -> LatencySettings:
     )
 
 
-def measure_arch(arch: Arch, num_classes: int, settings: LatencySettings) -> LatencyStats:
-    model = build(arch, num_classes)
-    return measure_module(model, (settings.batch_size, 3, arch.resolution, arch.resolution), settings)
-
-
 class MeasuredLatency:
     """Builds and times the whole network on the target: exact, but costs a measurement per trial."""
 
@@ -56,19 +50,35 @@ class MeasuredLatency:
 class TableLatency:
     """Looks the network up in the per-layer table: microseconds, and safe beside training processes."""
 
-    def __init__(self, table: LatencyTable, num_classes: int) -> None:
-        self.table = table
-        self.settings = table.settings
+    def __init__(self, model: LayerModel, settings: LatencySettings, num_classes: int) -> None:
+        self.model = model
+        self.settings = settings
         self.num_classes = num_classes
 
     def latency_ms(self, arch: Arch) -> float:
-        return self.table.predict(arch, self.num_classes)
+        return self.model.predict(arch, self.num_classes)
 
 
-def make_estimator(cfg: DictConfig, num_classes: int) -> LatencyEstimator:
+def table_model(
+    cfg: DictConfig, settings: LatencySettings, space: Space, num_classes: int, seed: int, stored: dict | None
+) -> LayerModel:
+    """A study's own layer latencies and calibration when it has them (measured with these settings), else the
+    table file's, measured and calibrated for this space where they are missing."""
+    if stored is not None and stored.get("settings") == settings.key_fields():
+        return LayerModel.from_record(stored)
+    calibrate = cfg.get("calibrate", 8)
+    if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+        raise NasError(f"latency.calibrate={calibrate!r} must be a whole number >= 0 (0: no calibration)")
+    return build_table(space, LatencyTable(settings, cfg.table_dir), num_classes, calibrate, seed).model
+
+
+def make_estimator(
+    cfg: DictConfig, num_classes: int, space: Space, seed: int = 0, stored: dict | None = None
+) -> LatencyEstimator:
+    """``cfg`` is the ``latency`` node; ``stored`` a study's :meth:`LayerModel.record`, if it has one."""
     settings = settings_from_cfg(cfg)
     if cfg.estimator == "measure":
         return MeasuredLatency(settings, num_classes)
     if cfg.estimator == "table":
-        return TableLatency(LatencyTable(settings, cfg.table_dir), num_classes)
+        return TableLatency(table_model(cfg, settings, space, num_classes, seed, stored), settings, num_classes)
     raise NasError(f"latency.estimator={cfg.estimator!r} is not one of {', '.join(ESTIMATORS)}")

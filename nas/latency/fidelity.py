@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from nas.latency.estimator import measure_arch
-from nas.latency.table import LatencyTable, arch_components, space_components
+from nas.latency.measure import measure_arch
+from nas.latency.table import Calibration, LatencyTable
 from nas.space import Space
-
-CALIBRATION_SEED_OFFSET = 1_000_003  # calibration networks never overlap the validation sample
 
 
 @dataclass
@@ -60,37 +57,17 @@ class FidelityReport:
         ]
 
 
-def build_table(
-    space: Space,
-    table: LatencyTable,
-    num_classes: int,
-    calibrate: int,
-    seed: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> int:
-    """Measure every layer the space can produce, and those of its reference networks (MobileNetV2's expansion
-    6 in a space of 3 and 4, V3's 4.5), then calibrate on ``calibrate`` whole networks. All of it before any
-    trial trains: an entry missing at search time would be measured inside a worker, beside others' training."""
-    components = space_components(space, num_classes)
-    for arch in space.reference_archs().values():
-        components += arch_components(arch, num_classes)
-    measured = table.ensure(components, progress)
-    if calibrate > 0 and (measured or table.calibration is None):
-        rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
-        archs = [space.sample(rng) for _ in range(calibrate)]
-        raw = [table.raw_sum(a, num_classes) for a in archs]
-        real = [measure_arch(a, num_classes, table.settings).median_ms for a in archs]
-        table.calibrate(raw, real)
-    return measured
-
-
-def validate(space: Space, table: LatencyTable, num_classes: int, n: int, seed: int) -> FidelityReport:
+def validate(
+    space: Space, table: LatencyTable, calibration: Calibration | None, num_classes: int, n: int, seed: int
+) -> FidelityReport:
+    """``n`` networks of the space (other than the calibration's) predicted with the space's calibration and
+    measured whole."""
     rng = np.random.default_rng(seed)
     archs = [space.sample(rng) for _ in range(n)]
     for a in archs:  # fill any gaps first, so prediction timing measures lookups only
         table.raw_sum(a, num_classes)
     t0 = time.perf_counter()
-    predicted = [table.predict(a, num_classes) for a in archs]
+    predicted = [table.predict(a, num_classes, calibration) for a in archs]
     predict_s = (time.perf_counter() - t0) / n
     raw = [table.raw_sum(a, num_classes) for a in archs]
     t0 = time.perf_counter()
@@ -98,7 +75,7 @@ def validate(space: Space, table: LatencyTable, num_classes: int, n: int, seed: 
     measure_s = (time.perf_counter() - t0) / n
     repeats = [measure_arch(archs[0], num_classes, table.settings).median_ms for _ in range(3)]
     m, p, r = np.asarray(measured), np.asarray(predicted), np.asarray(raw)
-    a, b = table.calibration or (1.0, 0.0)
+    a, b = (calibration.a, calibration.b) if calibration else (1.0, 0.0)
     return FidelityReport(
         space=space.name,
         n=n,
@@ -109,7 +86,7 @@ def validate(space: Space, table: LatencyTable, num_classes: int, n: int, seed: 
         mape_uncalibrated_pct=float(np.mean(np.abs(r - m) / m) * 100),
         calibration_a=a,
         calibration_b=b,
-        calibration_networks=table.calibration_networks,
+        calibration_networks=calibration.networks if calibration else 0,
         measured_min_ms=float(m.min()),
         measured_max_ms=float(m.max()),
         repeat_cv_pct=statistics.pstdev(repeats) / statistics.fmean(repeats) * 100,

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from nas.errors import NasError
+from nas.models import build
+from nas.space import Arch
 
 MODES = ("cudagraph", "eager")
 # cuDNN's algorithm choice while measuring: its fixed heuristics, not autotuning. The setting is process-global
@@ -222,3 +224,9 @@ def steadiest(take: Callable[[], list[float]], max_cv: float, attempts: int = AT
             break
     assert best is not None
     return replace(best, attempts=attempt)
+
+
+def measure_arch(arch: Arch, num_classes: int, settings: LatencySettings) -> LatencyStats:
+    """The whole network of ``arch`` on the target, at its resolution and the settings' batch."""
+    model = build(arch, num_classes)
+    return measure_module(model, (settings.batch_size, 3, arch.resolution, arch.resolution), settings)

@@ -2,8 +2,11 @@
 
 Each distinct layer configuration (channels, kernel, expansion, SE,
 activation, stride, input size) is measured once per device and settings, and
-cached on disk. A linear calibration ``a * sum + b`` fitted on a few whole
-networks absorbs what isolated layers miss (inter-layer caching, launch gaps).
+cached on disk, shared by every space that uses the file. A linear calibration
+``a * sum + b`` fitted on a few whole networks absorbs what isolated layers miss
+(inter-layer caching, launch gaps); it depends on the networks it was fitted on,
+so the file keeps one per calibration set (space, classes, network count), and a
+study keeps its own copy of its layers and calibration (:class:`LayerModel`).
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from nas.channels import make_divisible
-from nas.latency.measure import LatencySettings, measure_module
+from nas.errors import NasError
+from nas.latency.measure import LatencySettings, measure_arch, measure_module
 from nas.models.blocks import ResolvedBlock, batch_norm
 from nas.models.builder import (
     head_out_channels,
@@ -33,6 +37,7 @@ from nas.models.builder import (
 from nas.space import Arch, BlockSpec, Space
 
 FLOOR = 0.1  # a calibrated prediction is at least this fraction of the summed layer latencies
+CALIBRATION_SEED_OFFSET = 1_000_003  # calibration networks never overlap a validation sample of the same seed
 
 
 @dataclass(frozen=True)
@@ -144,15 +149,53 @@ def table_id(settings: LatencySettings) -> str:
     return f"{settings.device}-b{settings.batch_size}-{settings.effective_mode}-{digest}"
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """``a * sum + b`` fitted on ``networks`` whole networks of one space."""
+
+    a: float
+    b: float
+    networks: int
+
+    def apply(self, total: float) -> float:
+        """Never below ``FLOOR`` x the raw sum: a line fitted on a few large networks can have a negative
+        intercept that would make a small one free or negative (breaking MnasNet's objective)."""
+        return max(self.a * total + self.b, FLOOR * total)
+
+    @classmethod
+    def fit(cls, raw_sums: list[float], measured: list[float]) -> Calibration:
+        """Least-squares fit of measured whole-network latency on the table's raw sums (a ratio for one
+        network, or when every raw sum is the same)."""
+        if len(raw_sums) >= 2 and np.ptp(raw_sums) > 0:
+            a, b = np.polyfit(np.asarray(raw_sums), np.asarray(measured), 1)
+            return cls(float(a), float(b), len(raw_sums))
+        return cls(float(np.mean(measured) / np.mean(raw_sums)), 0.0, len(raw_sums))
+
+
+def calibration_key(space: Space, num_classes: int, networks: int) -> str:
+    """Which calibration of a table file a space uses: its content (not only its name), the classifier's width
+    and ``latency.calibrate``, so another space's build never refits it and a new count does."""
+    return f"{space.name}-{space.fingerprint()}-n{num_classes}-c{networks}"
+
+
+def table_components(space: Space, num_classes: int) -> list[Component]:
+    """Every layer the space can produce and every layer of its reference networks (MobileNetV2's expansion 6
+    in a space of 3 and 4, V3's 4.5): what a study of the space can ever ask the table for."""
+    components = space_components(space, num_classes)
+    for arch in space.reference_archs().values():
+        components += arch_components(arch, num_classes)
+    return components
+
+
 class LatencyTable:
-    """Layer latencies for one device and settings, persisted as JSON; missing entries are measured on demand."""
+    """Layer latencies for one device and settings, and the calibrations fitted on them, persisted as JSON;
+    missing entries are measured on demand."""
 
     def __init__(self, settings: LatencySettings, directory: str | Path) -> None:
         self.settings = settings
         self.path = Path(directory) / f"table-{table_id(settings)}.json"
         self.entries: dict[str, float] = {}
-        self.calibration: tuple[float, float] | None = None
-        self.calibration_networks = 0
+        self.calibrations: dict[str, Calibration] = {}
         self.measured = 0  # components measured by this object (0 when everything came from the cache)
         self._load()
 
@@ -161,25 +204,19 @@ class LatencyTable:
             blob = json.loads(self.path.read_text())
             if blob.get("settings") == self.settings.key_fields():
                 self.entries = {k: float(v) for k, v in blob["entries"].items()}
-                cal = blob.get("calibration")
-                self.calibration = (cal["a"], cal["b"]) if cal else None
-                self.calibration_networks = int(cal.get("networks", 0)) if cal else 0
+                # A file of an older version holds one "calibration" of unknown space: not used (refitted).
+                self.calibrations = {k: Calibration(**v) for k, v in (blob.get("calibrations") or {}).items()}
 
     def save(self) -> None:
         """Merge with what is on disk (another worker may have added entries) and replace atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        on_disk = LatencyTable.__new__(LatencyTable)
-        on_disk.settings, on_disk.path, on_disk.entries = self.settings, self.path, {}
-        on_disk.calibration, on_disk.calibration_networks = None, 0
-        on_disk._load()
+        on_disk = LatencyTable(self.settings, self.path.parent)
         entries = {**on_disk.entries, **self.entries}
-        if self.calibration is None:
-            self.calibration, self.calibration_networks = on_disk.calibration, on_disk.calibration_networks
-        cal = self.calibration
+        calibrations = {**on_disk.calibrations, **self.calibrations}
         blob = {
             "settings": self.settings.key_fields(),
             "entries": dict(sorted(entries.items())),
-            "calibration": {"a": cal[0], "b": cal[1], "networks": self.calibration_networks} if cal else None,
+            "calibrations": {k: asdict(c) for k, c in sorted(calibrations.items())},
         }
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(blob, indent=1))
@@ -204,22 +241,83 @@ class LatencyTable:
             self.ensure(comps)
         return sum(self.entries[c.key] for c in comps)
 
-    def predict(self, arch: Arch, num_classes: int) -> float:
-        """``a * sum + b``, never below ``FLOOR`` x the raw sum: a line fitted on a few large networks can have a
-        negative intercept that would make a small one free or negative (breaking MnasNet's objective)."""
+    def predict(self, arch: Arch, num_classes: int, calibration: Calibration | None = None) -> float:
         total = self.raw_sum(arch, num_classes)
-        if self.calibration is None:
-            return total
-        a, b = self.calibration
-        return max(a * total + b, FLOOR * total)
+        return total if calibration is None else calibration.apply(total)
 
-    def calibrate(self, raw_sums: list[float], measured: list[float]) -> tuple[float, float]:
-        """Least-squares fit of measured whole-network latency on the table's raw sums."""
-        if len(raw_sums) >= 2 and np.ptp(raw_sums) > 0:
-            a, b = np.polyfit(np.asarray(raw_sums), np.asarray(measured), 1)
-            self.calibration = (float(a), float(b))
-        elif raw_sums:
-            self.calibration = (float(np.mean(measured) / np.mean(raw_sums)), 0.0)
-        self.calibration_networks = len(raw_sums)
+    def calibrate(self, key: str, raw_sums: list[float], measured: list[float]) -> Calibration:
+        """Fit and keep the calibration ``key`` (see :func:`calibration_key`)."""
+        self.calibrations[key] = cal = Calibration.fit(raw_sums, measured)
         self.save()
-        return self.calibration or (1.0, 0.0)
+        return cal
+
+
+@dataclass(frozen=True)
+class LayerModel:
+    """What one study predicts with: its space's layer latencies and its calibration, kept in the study itself.
+    A resumed study, and every worker on any machine, predicts exactly what its first trials were judged by,
+    whatever has happened to the table file since (another space's calibration, a re-measurement, a deleted
+    cache), and nothing is measured again."""
+
+    settings: dict[str, object]  # LatencySettings.key_fields() of the measurements
+    entries: dict[str, float]
+    calibration: Calibration | None
+
+    def raw_sum(self, arch: Arch, num_classes: int) -> float:
+        comps = arch_components(arch, num_classes)
+        missing = [c.key for c in comps if c.key not in self.entries]
+        if missing:
+            raise NasError(
+                f"the study's latency table has no entry for the layer {missing[0]} of {arch.encode()}: the study "
+                "was made for other networks (another space?); start a new study with study.name=NEW_NAME"
+            )
+        return sum(self.entries[c.key] for c in comps)
+
+    def predict(self, arch: Arch, num_classes: int) -> float:
+        total = self.raw_sum(arch, num_classes)
+        return total if self.calibration is None else self.calibration.apply(total)
+
+    def record(self) -> dict[str, object]:
+        cal = None if self.calibration is None else asdict(self.calibration)
+        return {"settings": self.settings, "calibration": cal, "entries": dict(sorted(self.entries.items()))}
+
+    @classmethod
+    def from_record(cls, record: dict) -> LayerModel:
+        cal = record.get("calibration")
+        return cls(record["settings"], {k: float(v) for k, v in record["entries"].items()},
+                   None if cal is None else Calibration(**cal))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TableBuild:
+    measured: int  # layers measured by this build (0: all from the file)
+    calibration: Calibration | None  # None with latency.calibrate=0: raw sums
+    model: LayerModel
+
+
+def build_table(
+    space: Space,
+    table: LatencyTable,
+    num_classes: int,
+    calibrate: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> TableBuild:
+    """Measure every layer a study of the space can ask for (:func:`table_components`), then calibrate on
+    ``calibrate`` whole networks of the space unless the file holds that calibration already. All of it before
+    any trial trains: an entry missing at search time would be measured inside a worker, beside others'
+    training."""
+    components = table_components(space, num_classes)
+    measured = table.ensure(components, progress)
+    calibration = None
+    if calibrate > 0:
+        key = calibration_key(space, num_classes, calibrate)
+        calibration = table.calibrations.get(key)
+        if calibration is None:
+            rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
+            archs = [space.sample(rng) for _ in range(calibrate)]
+            raw = [table.raw_sum(a, num_classes) for a in archs]
+            real = [measure_arch(a, num_classes, table.settings).median_ms for a in archs]
+            calibration = table.calibrate(key, raw, real)
+    entries = {c.key: table.entries[c.key] for c in components}
+    return TableBuild(measured, calibration, LayerModel(table.settings.key_fields(), entries, calibration))

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from nas.data import TensorImageDataModule
 from nas.data.loading import ImageData
 from nas.errors import NasError
-from nas.latency.estimator import measure_arch, settings_from_cfg
-from nas.latency.measure import LatencySettings
+from nas.latency.estimator import settings_from_cfg
+from nas.latency.measure import LatencySettings, measure_arch
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run

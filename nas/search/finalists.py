@@ -30,8 +30,7 @@ from scipy.stats import kendalltau
 from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.errors import NasError
-from nas.latency.estimator import measure_arch
-from nas.latency.measure import LatencySettings, LatencyStats
+from nas.latency.measure import LatencySettings, LatencyStats, measure_arch
 from nas.objectives import StudyObjective
 from nas.search.interrupts import SearchInterrupted
 from nas.search.objective import failure_reason, free_trial_memory

@@ -16,8 +16,7 @@ from optuna.trial import TrialState
 from nas import trial_states
 from nas.data.folders import ImageFiles
 from nas.errors import NasError
-from nas.latency.estimator import make_estimator
-from nas.latency.table import LatencyTable
+from nas.latency.estimator import TableLatency, make_estimator
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
@@ -44,7 +43,7 @@ from nas.search.summary import (
 )
 from nas.search.waiting import RunningTrialsWait
 from nas.space import Space, require_space
-from nas.studies import FINALISTS_SUFFIX, make_storage
+from nas.studies import FINALISTS_SUFFIX, LATENCY_ATTR, make_storage, stored_latency_table
 from nas.tracking.runs import connect
 from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
 from nas.train.run import check_data_cfg, check_train_cfg, load_training_data
@@ -177,16 +176,16 @@ def open_session(cfg: DictConfig) -> Session:
     splits = load_training_data(cfg, processes=max(1, len(plans)), per_device=per_device)
     cfg = settle_storage(cfg, splits)
     num_classes = len(splits.classes)
-    estimator = make_estimator(cfg.latency, num_classes)
-    if isinstance(getattr(estimator, "table", None), LatencyTable):
-        from nas.latency.fidelity import build_table
-
-        build_table(space, estimator.table, num_classes, int(cfg.latency.calibrate), int(cfg.seed))
-    _precheck_budget(cfg, space, estimator, goal)
     data = _data_identity(cfg, splits)
+    name = study_name(cfg, space, data["fingerprint"])
+    stored = stored_latency_table(storage, name)  # a resumed study predicts with its own table
+    estimator = make_estimator(cfg.latency, num_classes, space, int(cfg.seed), stored)
+    _precheck_budget(cfg, space, estimator, goal)
     latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator)}
     identity = study_identity(cfg, space, goal, latency, data, hparams)
-    study, created = open_study(cfg, study_name(cfg, space, data["fingerprint"]), identity, storage, goal)
+    study, created = open_study(cfg, name, identity, storage, goal)
+    if isinstance(estimator, TableLatency) and LATENCY_ATTR not in study.user_attrs and not worker:
+        study.set_user_attr(LATENCY_ATTR, estimator.model.record())
     tracker = StudyTracker(client, cfg, study.study_name)
     if worker:
         tracker.join_parent(study)

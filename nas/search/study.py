@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import os
 import socket
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +130,6 @@ def make_pruner(cfg: DictConfig, objective: StudyObjective) -> optuna.pruners.Ba
     return EvidencePruner(pruner, int(cfg.search.startup_trials), int(cfg.search.pruning_warmup_epochs))
 
 
-def space_fingerprint(space: Space) -> str:
-    fields = asdict(space)
-    fields.pop("path", None)
-    fields.pop("name", None)
-    fields.pop("description", None)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def study_name(cfg: DictConfig, space: Space, data_fingerprint: str) -> str:
     """``<space>-<data>``; for a user's folder also the data's fingerprint, so two folders never share a study."""
     if cfg.study.name:
@@ -164,7 +154,7 @@ def study_identity(
     """
     return {
         "space": space.name,
-        "space_fingerprint": space_fingerprint(space),
+        "space_fingerprint": space.fingerprint(),
         **objective.settings(),  # objective, budget_ms (and search.mnas_exponent): read back by objective_of()
         "directions": list(objective.directions),
         "search.hparams": OmegaConf.to_container(OmegaConf.create(hparams), resolve=True),
@@ -173,6 +163,8 @@ def study_identity(
         "latency.mode": latency.get("mode"),
         "latency.threads": latency.get("threads"),
         "latency.estimator": latency.get("estimator"),
+        # The calibration's network count: its fit is kept with the study (nas.studies.LATENCY_ATTR).
+        "latency.calibrate": int(cfg.latency.calibrate) if latency.get("estimator") == "table" else None,
         "data": cfg.data.name,
         "data.root": data.get("root"),
         "data.fingerprint": data.get("fingerprint"),

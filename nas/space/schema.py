@@ -7,9 +7,11 @@ runs, with a message naming the file, the key and what is allowed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,14 @@ class Space:
     @property
     def max_blocks(self) -> int:
         return sum(max(s.depth) for s in self.stages)
+
+    def fingerprint(self) -> str:
+        """What the space can produce, whatever its file is called: a study and a latency calibration belong to
+        this, not to a name a user may reuse for an edited file."""
+        fields = asdict(self)
+        for key in ("path", "name", "description"):
+            fields.pop(key, None)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _Loader:
