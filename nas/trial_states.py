@@ -15,6 +15,7 @@ PRUNED = "pruned"  # trained, stopped early by the pruner
 OVER_BUDGET = "infeasible"  # a draw over latency.budget_ms: never trained (the stored name predates the term)
 FAILED = "failed"
 SURPLUS = "surplus"  # another worker already trains the study's last network; nothing ran
+STALE = "stale"  # a queued finalist run dropped before training: a rerun's round no longer holds it
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 

@@ -157,6 +157,58 @@ def test_an_interrupted_round_resumes_without_training_a_finished_run_again(in_t
     assert sorted(r.info.status for r in seed_runs) == ["FINISHED", "FINISHED", "FINISHED", "KILLED"]
 
 
+def test_a_rerun_trains_only_todays_plan_and_measures_every_finalist_in_its_own_passes(
+    in_tmp, tiny_space, monkeypatch, capsys
+):
+    """Issue 25, findings 3-5. A round of 2 x 2 runs: the first fails (out of memory), Ctrl-C in the second.
+    The rerun with 1 finalist x 1 seed drops the two queued runs that no longer belong to the round, trains the
+    one run of its plan, and no longer lists that run's old failure; a rerun that adds a finalist measures both
+    finalists in its own interleaved passes; the same command again reuses those figures."""
+    base = (f"+space={tiny_space}", *FAST, "trials=2", "search.finalist_epochs=1")
+    real_train, calls = finalists_module.train_arch, []
+
+    def out_of_memory_then_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (tried to allocate 2.00 GiB)")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finalists_module, "train_arch", out_of_memory_then_interrupted)
+    result = run_search(compose_cfg(*base, "search.finalists=2", "search.finalist_seeds=2"))
+    assert result.exit_code == 130
+    name = result.study.study_name
+    first = round_trials(name)
+    assert [t.state for t in first] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]
+    best, second = (first[0].user_attrs["arch"], first[2].user_attrs["arch"])
+
+    trained, measured = [], []
+    monkeypatch.setattr(finalists_module, "train_arch",
+                        lambda *a, **k: trained.append(a[1].encode()) or real_train(*a, **k))  # fmt: skip
+    real_measure = finalists_module.measure_arch
+    monkeypatch.setattr(finalists_module, "measure_arch",
+                        lambda arch, *a: measured.append(arch.encode()) or real_measure(arch, *a))  # fmt: skip
+    capsys.readouterr()
+    assert run_search(compose_cfg(*base, "search.finalists=1", "search.finalist_seeds=1")).exit_code == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 queued finalist run(s) no longer in the round" in out
+    assert trained == [best]  # the plan's one run, not the stale ones queued before it
+    assert "not finished" not in out  # its out-of-memory failure was made good by this run
+    stale = [t for t in round_trials(name) if t.user_attrs.get("state") == "stale"]
+    assert [t.number for t in stale] == [first[2].number, first[3].number] and stale[0].state == TrialState.FAIL
+    assert measured == [best] * 3
+
+    trained.clear(), measured.clear()
+    assert run_search(compose_cfg(*base, "search.finalists=2", "search.finalist_seeds=1")).exit_code == 0
+    assert trained == [second]
+    assert measured == [best, second] * 3  # both finalists, interleaved, in this run: no figure from the last one
+    record = optuna.load_study(study_name=name, storage=STORAGE).user_attrs[ROUND_ATTR]
+    assert len(record["candidates"]) == 2 and all(c["measured_ms"] > 0 for c in record["candidates"])
+
+    trained.clear(), measured.clear()
+    assert run_search(compose_cfg(*base, "search.finalists=2", "search.finalist_seeds=1")).exit_code == 0
+    assert trained == [] and measured == []  # nothing changed: the same finalists' figures are kept
+
+
 def test_a_finalist_run_that_diverges_is_reported_and_the_round_goes_on(in_tmp, tiny_space, monkeypatch, capsys):
     cfg = compose_cfg(f"+space={tiny_space}", *FAST, "trials=2", "search.finalists=1", "search.finalist_epochs=1")
     real, calls = finalists_module.train_arch, []
@@ -249,9 +301,22 @@ def test_retrain_selection_prefers_the_round_winner_and_says_when_the_round_is_s
         "the finalist round ran when 2 networks were trained, the study has 3 now"
         in from_study(study, "best", None, []).note
     )
-    study.set_user_attr(ROUND_ATTR, {"winner": None, "trained": 3})  # no finalist met the measured budget
-    fallback = from_study(study, "best", None, [])
-    assert (fallback.trial, fallback.how) == (0, "best") and "no finalist met the latency budget" in fallback.note
+    study.set_user_attr(ROUND_ATTR, {"winner": None, "trained": 3, "no_winner_reason": "no finalist run finished"})
+    fallback = from_study(study, "best", None, [])  # nothing was measured: the search's best, with a note
+    assert (fallback.trial, fallback.how) == (0, "best") and "no finalist run finished" in fallback.note
+    # Issue 25, finding 7: every finalist measured over the budget, the search's best among them. It is not
+    # retrained for 200 epochs to end registered without the alias: refused, naming what to do.
+    over = [{"trial": 0, "reference": None, "measured_ms": 1.3, "over_budget": True},
+            {"trial": 1, "reference": None, "measured_ms": 1.2, "over_budget": True}]  # fmt: skip
+    study.set_user_attr("identity", {"budget_ms": 1.0})
+    why = "no finalist met the latency budget when measured"
+    study.set_user_attr(ROUND_ATTR, {"winner": None, "trained": 3, "finalists": 2, "candidates": over,
+                                     "no_winner_reason": why})  # fmt: skip
+    with pytest.raises(NasError, match=r"measured every finalist over the 1\.0 ms budget \(trial 0 1\.300 ms, trial 1 "
+                       r"1\.200 ms\): no network within the budget to retrain\. Rerun the search with more finalists "
+                       r"\(search\.finalists=5\).*select=search"):  # fmt: skip
+        from_study(study, "best", None, [])
+    assert from_study(study, "search", None, []).trial == 0  # asked for by name: still the search's best
 
 
 def test_the_latest_study_is_never_a_finalist_round(in_tmp):

@@ -276,6 +276,35 @@ def test_a_retrain_over_the_latency_budget_keeps_the_alias_where_it_was(in_tmp, 
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "3"
 
 
+def test_a_retrain_judges_the_budget_only_on_the_device_the_study_measured(in_tmp, tiny_space, monkeypatch):
+    """Issue 25, finding 6. A CPU study retrained on a GPU box (where latency.device=auto means CUDA) is
+    measured on the CPU; a study whose budget is for a device this machine does not have is measured and
+    logged, but the figure is not compared with it: the alias stays, and the run says why."""
+    from mlflow.tracking import MlflowClient
+
+    from nas.retrain.run import target_latency
+    from nas.retrain.select import Selection
+
+    run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "latency.budget_ms=1000"))
+    study = optuna.load_study(study_name="tiny-digits", storage="sqlite:///outputs/optuna.db")
+    identity = study.user_attrs["identity"]
+    assert identity["latency.device"] == "cpu"
+    on_gpu_box = compose_cfg(*FAST, "latency.device=auto", config_name="retrain_app")
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        gpu.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+        target = target_latency(on_gpu_box, Selection(decode(TINY_ARCH), study="tiny-digits", identity=identity))
+    assert target.settings.device == "cpu" and target.unjudged is None and target.budget_ms == 1000
+
+    study.set_user_attr("identity", {**identity, "latency_device": "Imaginary Edge CPU"})  # searched elsewhere
+    r = retrain(compose_cfg(*FAST, "train.epochs=1", "retrain.export=false", config_name="retrain_app"))
+    assert r.latency_ms > 0 and not r.over_budget and r.model_version == "1" and not r.alias_moved
+    assert r.unjudged.startswith("study tiny-digits's budget of 1000 ms is for Imaginary Edge CPU, and this machine")
+    client = MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db")
+    assert client.get_run(r.run_id).data.tags["nas.budget"] == f"not judged: {r.unjudged}"
+    assert client.get_registered_model("nas-tiny-digits").aliases == {}
+
+
 def test_retrain_refuses_data_without_a_held_out_split_before_training(in_tmp):
     root = write_image_folder(in_tmp / "imgs", per_class=4)
     shutil.rmtree(root / "test")

@@ -166,8 +166,9 @@ def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp
     """Two gloo processes (forked: nothing to import again): the count of non-finite losses is summed over the
     ranks at the check, so both stop at the same step with the same message, rather than one raising while
     the other waits in the next gradient all-reduce until the collective times out."""
-    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK"):  # the launcher sets them
-        monkeypatch.delenv(var, raising=False)
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "")  # recorded, so what the launcher sets is undone after the test
+        monkeypatch.delenv(var)
     cfg = compose_cfg("data=digits", "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp_fork",
                       "train.epochs=1", "data.repeat=1", "train.batch_size=32",
                       "train.limit_train_images=256")  # fmt: skip

@@ -23,16 +23,21 @@ def main(cfg: DictConfig) -> None:
     if sel.note:
         print(f"  note: {sel.note}")
     budget = "" if r.budget_ms is None else f" (budget {r.budget_ms:g} ms{': OVER' if r.over_budget else ''})"
+    if r.unjudged:
+        budget = f" (budget {r.budget_ms:g} ms: not judged)"
     latency = f"latency {r.latency_ms:.4f} ms{budget}"
     print(f"  source: {source}; test_acc {r.test_acc:.4f}; {latency}; MLflow run {r.run_id}")
     if r.model_name and r.alias_moved:
         print(f"  registered models:/{r.model_name}/{r.model_version} (alias @{cfg.retrain.alias})")
         print(f"  use it: {load_command(f'models:/{r.model_name}@{cfg.retrain.alias}', str(cfg.mlflow.tracking_uri))}")
     elif r.model_name:
-        print(
-            f"  registered models:/{r.model_name}/{r.model_version}, over the latency budget: "
-            f"alias @{cfg.retrain.alias} not moved (retrain.allow_over_budget=true moves it)"
+        why, fix = (
+            (r.unjudged, "retrain on that device, or retrain.allow_over_budget=true moves it")
+            if r.unjudged
+            else ("over the latency budget", "retrain.allow_over_budget=true moves it")
         )
+        alias = f"@{cfg.retrain.alias}"
+        print(f"  registered models:/{r.model_name}/{r.model_version}, {why}: alias {alias} not moved ({fix})")
 
 
 def load_command(model_uri: str, tracking_uri: str) -> str:

@@ -19,7 +19,7 @@ from nas.data import TensorImageDataModule
 from nas.data.loading import ImageData
 from nas.errors import NasError
 from nas.latency.estimator import settings_from_cfg
-from nas.latency.measure import LatencySettings, measure_arch
+from nas.latency.measure import LatencySettings, cpu_name, measure_arch
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run
@@ -53,25 +53,60 @@ class RetrainResult:
     selection: Selection
     budget_ms: float | None = None
     alias_moved: bool = False
+    unjudged: str | None = None  # why the budget could not be judged on this machine (None: it was)
 
     @property
     def over_budget(self) -> bool:
-        return self.budget_ms is not None and self.latency_ms > self.budget_ms
+        return self.budget_ms is not None and self.unjudged is None and self.latency_ms > self.budget_ms
 
 
-def target_latency(cfg: DictConfig, sel: Selection) -> tuple[LatencySettings, float | None]:
-    """Latency as the study judged it: its batch size, mode and threads (on this machine's device, named
-    in the run), and its budget; without a study, the command's own ``latency.*``."""
+@dataclass(frozen=True)
+class TargetLatency:
+    """How the retrain measures its network and what it compares the figure with."""
+
+    settings: LatencySettings
+    budget_ms: float | None
+    unjudged: str | None = None  # the budget's device is not this machine's: why the figure is not compared
+
+
+def _device_kind(identity: dict) -> str | None:
+    """cpu or cuda: what the study measured on (studies made before it was recorded: found by its name)."""
+    kind = identity.get("latency.device")
+    if kind:
+        return str(kind)
+    name = identity.get("latency_device")
+    if name == cpu_name():
+        return "cpu"
+    if torch.cuda.is_available() and name == torch.cuda.get_device_name():
+        return "cuda"
+    return None
+
+
+def target_latency(cfg: DictConfig, sel: Selection) -> TargetLatency:
+    """Latency as the study judged it: on its kind of device (a CPU study retrained on a GPU box is measured on
+    the CPU), at its batch size, mode and threads, against its budget. When this machine has no device of the
+    study's name, the figure is still measured and logged, but not compared with the budget. Without a study,
+    the command's own ``latency.*``."""
     base, ident = settings_from_cfg(cfg.latency), sel.identity
     if not ident:
-        return base, cfg.latency.budget_ms
+        return TargetLatency(base, cfg.latency.budget_ms)
+    kind = _device_kind(ident)
+    device = kind if kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) else base.device
     settings = replace(
         base,
+        device=device,
         batch_size=int(ident.get("latency_batch") or base.batch_size),
         mode=str(ident.get("latency.mode") or base.mode),
         threads=int(ident.get("latency.threads") or base.threads),
     )
-    return settings, ident.get("budget_ms")
+    budget, wanted, here = ident.get("budget_ms"), ident.get("latency_device"), settings.device_name()
+    unjudged = None
+    if budget is not None and wanted and wanted != here:
+        unjudged = (
+            f"study {sel.study}'s budget of {budget:g} ms is for {wanted}, and this machine measures on {here}: the "
+            "budget is not judged here"
+        )
+    return TargetLatency(settings, budget, unjudged)
 
 
 def searched_hparam_keys(study: optuna.Study | None, cfg: DictConfig) -> list[str]:
@@ -194,17 +229,19 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
             params = {"arch": arch.encode(), "train.epochs": run_cfg.train.epochs, "train_on_val": train_on_val}
             mlflow.log_params(params | sel.hparams | {"train.devices": devices * int(cfg.train.get("num_nodes", 1))})
             model, test_acc = _fit(run_cfg, arch, dm, EpochMetricsToMlflow(client, run_id), train_on_val)
-            settings, budget = target_latency(cfg, sel)
-            latency = measure_arch(arch, dm.num_classes, settings).median_ms
-            mlflow.log_params({f"latency.{k}": v for k, v in settings.key_fields().items()})
+            target = target_latency(cfg, sel)
+            latency = measure_arch(arch, dm.num_classes, target.settings).median_ms
+            mlflow.log_params({f"latency.{k}": v for k, v in target.settings.key_fields().items()})
             c = cost(arch, dm.num_classes)
             mlflow.log_metrics({"test_acc": test_acc, "latency_ms": latency, "params": c.params, "flops": c.flops})
-            result = RetrainResult(run_id, test_acc, latency, None, None, sel, budget)
-            if budget is not None:
-                mlflow.log_metric("budget_ms", budget)
+            result = RetrainResult(run_id, test_acc, latency, None, None, sel, target.budget_ms, False, target.unjudged)
+            if target.budget_ms is not None:
+                mlflow.log_metric("budget_ms", target.budget_ms)
+                mlflow.set_tag("nas.budget", _budget_verdict(result))
             name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
             pre = _preprocess(cfg, dm, arch.resolution, splits.image_shape[0])
-            move_alias = not result.over_budget or bool(cfg.retrain.allow_over_budget)
+            judged_within = target.unjudged is None and not result.over_budget
+            move_alias = judged_within or bool(cfg.retrain.allow_over_budget)
             result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias)
             result.model_name = name if result.model_version else None
             result.alias_moved = bool(result.model_version) and move_alias
@@ -213,6 +250,13 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
         client.set_terminated(run_id, "FAILED")
         raise
     return result
+
+
+def _budget_verdict(result: RetrainResult) -> str:
+    """The run's ``nas.budget`` tag: within, over, or why it was not judged."""
+    if result.unjudged:
+        return f"not judged: {result.unjudged}"
+    return "over" if result.over_budget else "within"
 
 
 def _publish(

@@ -35,12 +35,26 @@ def _hparams(trial: FrozenTrial, keys: list[str]) -> dict[str, Any]:
 
 
 def _finalist_winner(study: optuna.Study) -> tuple[FrozenTrial | None, str | None]:
-    """The finalist round's winner, and a note when the study has trained more networks since the round."""
+    """The finalist round's winner, and a note when the study has trained more networks since the round. A
+    round that measured its finalists and found every one over the budget has no network to offer: refused
+    (the search's best is one of them), naming what to do."""
     record = finalist_round(study)
     if not record:
         return None, None
     if record.get("winner") is None:
-        why = record.get("no_winner_reason") or "no finalist met the latency budget when measured"
+        measured = [c for c in record.get("candidates") or [] if c.get("measured_ms") is not None]
+        if measured and all(c.get("over_budget") for c in measured):
+            figures = ", ".join(f"{c.get('reference') or 'trial ' + str(c['trial'])} {c['measured_ms']:.3f} ms"
+                                for c in measured)  # fmt: skip
+            budget = (study.user_attrs.get("identity") or {}).get("budget_ms")
+            raise NasError(
+                f"the finalist round of study {study.study_name!r} measured every finalist over the {budget} ms "
+                f"budget ({figures}): no network within the budget to retrain. Rerun the search with more "
+                f"finalists (search.finalists={int(record.get('finalists') or len(measured)) + 3}) to measure more of "
+                "its networks, or take the "
+                "search's best anyway with select=search (its alias stays put if it measures over the budget)"
+            )
+        why = record.get("no_winner_reason") or "no finalist run finished"
         return None, f"{why} in the study's finalist round: the search's best is taken instead"
     chosen = study.trials[int(record["winner"])]
     trained = trial_states.count_trained(study)

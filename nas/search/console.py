@@ -187,7 +187,8 @@ def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
     elif outcome.finalists:
         lines.append(
             f"no finalist's measured latency is within the {goal.budget_ms:g} ms budget: the latency estimate is "
-            "optimistic here (check it: python -m nas.latency validate); nas.retrain falls back to the search's best"
+            "optimistic here (check it: python -m nas.latency validate); nas.retrain select=best has nothing to "
+            "retrain (more finalists: search.finalists=N; the search's best anyway: select=search)"
         )
     else:
         lines.append("no finalist run finished (reasons above): nas.retrain falls back to the search's best")

@@ -45,6 +45,7 @@ DataModules = Callable[[DictConfig, int], TensorImageDataModule]  # (run config,
 # A CPU latency median moves by up to ~25 % between moments on a shared machine (measured: the same network
 # 1.95 ms in the search, 2.45 ms minutes later); passes interleaved over the finalists spread that over all.
 MEASURE_PASSES = 3
+LATENCY_PASS_ATTR = "latency"  # on the round's study: the last measurement of the finalists, taken together
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class RoundOutcome:
             "no_winner_reason": self.no_winner_reason,
             "trained": trained,
             "kendall_tau": self.kendall_tau,
+            "finalists": self.settings.count,
             "epochs": self.settings.epochs,
             "seeds": self.settings.seeds,
             "candidates": self.rows(),
@@ -323,29 +325,49 @@ class FinalistRound:
     candidates: list[Candidate] = field(default_factory=list)
     round_study: optuna.Study | None = None
 
+    def plan(self) -> dict[str, Candidate]:
+        """The round's runs for today's candidates and settings: job key -> candidate."""
+        return {job_key(c.trial, int(self.cfg.seed) + s, self.settings.epochs): c for c in self.candidates
+                for s in range(self.settings.seeds)}  # fmt: skip
+
     def prepare(self) -> int:
-        """Queue every (candidate, seed) run not already finished or queued; returns how many are finished."""
+        """Queue every run of the plan not already finished or queued, after dropping queued runs that are no
+        longer in it (another finalists/seeds/epochs setting, a study that grew); returns how many are finished."""
         self.candidates = pick_candidates(self.study, self.goal, self.settings.count)
         if not self.candidates:
             return 0
         self.round_study = rs = open_round_study(self.study, self.storage, int(self.cfg.seed))
         optuna.storages.fail_stale_trials(rs)
+        plan = self.plan()
+        self._drop_stale(plan)
         trials = rs.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))
         have = {t.user_attrs.get("key") for t in trials}
         finished = {t.user_attrs.get("key") for t in trials if t.state == TrialState.COMPLETE}
-        done = 0
-        for c in self.candidates:
-            run_id = self._finalist_run(c)
-            for s in range(self.settings.seeds):
-                seed = int(self.cfg.seed) + s
-                key = job_key(c.trial, seed, self.settings.epochs)
-                done += key in finished
-                if key in have:
-                    continue
-                attrs = {"key": key, "trial": c.trial, "seed": seed, "epochs": self.settings.epochs, "arch": c.arch,
-                         "hparams": c.hparams, "name": c.name, "run_id": run_id}  # fmt: skip
-                rs.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
-        return done
+        runs = {c.trial: self._finalist_run(c) for c in self.candidates}
+        for key, c in plan.items():
+            if key in have:
+                continue
+            attrs = {"key": key, "trial": c.trial, "seed": int(key.split("/")[1]), "epochs": self.settings.epochs,
+                     "arch": c.arch, "hparams": c.hparams, "name": c.name, "run_id": runs[c.trial]}  # fmt: skip
+            rs.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
+        return len(finished & set(plan))
+
+    def _drop_stale(self, plan: dict[str, Candidate]) -> None:
+        """Queued runs outside the plan are failed (``state=stale``) before anyone trains them; a run that a
+        worker has started already is left to finish and is not counted."""
+        assert self.round_study is not None
+        waiting = self.round_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        stale = [t for t in waiting if t.user_attrs.get("key") not in plan]
+        for t in stale:  # Optuna has no public call to end a queued trial: its storage's, by the trial's id
+            if self.storage.get_trial(t._trial_id).state != TrialState.WAITING:
+                continue  # a worker of the round (started by hand) has just taken it: it trains and is ignored
+            self.storage.set_trial_user_attr(t._trial_id, "state", trial_states.STALE)
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if stale:
+            names = sorted({f"{t.user_attrs.get('name')} seed {t.user_attrs.get('seed')} x {t.user_attrs.get('epochs')}"
+                            for t in stale})  # fmt: skip
+            print(f"  dropped {len(stale)} queued finalist run(s) no longer in the round: {'; '.join(names)}",
+                  flush=True)  # fmt: skip
 
     def _finalist_run(self, c: Candidate) -> str | None:
         """The candidate's MLflow run for these settings, created once and reopened on a rerun."""
@@ -405,41 +427,46 @@ class FinalistRound:
         return outcome
 
     def _collect(self) -> tuple[list[Finalist], list[str]]:
+        """Each planned run's accuracy; the failures of planned runs that never finished since (the latest
+        reason of each), not those a rerun has made good."""
         assert self.round_study is not None
         accs: dict[int, list[float]] = {c.trial: [] for c in self.candidates}
-        failed = []
-        keys = {job_key(c.trial, int(self.cfg.seed) + s, self.settings.epochs): c for c in self.candidates
-                for s in range(self.settings.seeds)}  # fmt: skip
+        plan = self.plan()
+        finished, failures = set(), {}
         for t in self.round_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            c = keys.get(t.user_attrs.get("key"))
-            if c is None:
+            key = t.user_attrs.get("key")
+            if key not in plan:
                 continue
             if t.state == TrialState.COMPLETE:
-                accs[c.trial].append(float(t.user_attrs["val_acc"]))
+                finished.add(key)
+                accs[plan[key].trial].append(float(t.user_attrs["val_acc"]))
             elif t.user_attrs.get("fail_reason"):
-                failed.append(f"{c.name} seed {t.user_attrs['seed']}: {t.user_attrs['fail_reason']}")
+                failures[key] = f"{plan[key].name} seed {t.user_attrs['seed']}: {t.user_attrs['fail_reason']}"
+        failed = [reason for key, reason in failures.items() if key not in finished]
         return [Finalist(c, accs[c.trial]) for c in self.candidates if accs[c.trial]], failed
 
     def _measure(self, finalists: list[Finalist]) -> None:
-        """Measured on the target with the study's settings, in ``MEASURE_PASSES`` interleaved passes over
-        the finalists: the median of the passes' medians, and the p10-p90 across them. Once: a rerun reads
-        the stored figures."""
+        """Measured on the target with the study's settings, all finalists together in ``MEASURE_PASSES``
+        interleaved passes: the median of the passes' medians, and the p10-p90 across them. Figures of another
+        run of the command are never mixed in (the machine drifts between moments): a rerun reuses the stored
+        figures only when they were taken for exactly these finalists with these settings."""
         assert self.round_study is not None
-        key = self.latency.key_fields()
-        known = self.round_study.user_attrs
-        todo = [f for f in finalists if known.get(f"latency:{f.candidate.trial}", {}).get("key") != key]
-        passes: dict[int, list[LatencyStats]] = {f.candidate.trial: [] for f in todo}
-        for _ in range(MEASURE_PASSES):
-            for f in todo:
-                passes[f.candidate.trial].append(measure_arch(decode(f.candidate.arch), self.num_classes, self.latency))
-        for trial, stats in passes.items():
-            stored = {"key": key, "median_ms": statistics.median(s.median_ms for s in stats),
-                      "p10_ms": min(s.p10_ms for s in stats), "p90_ms": max(s.p90_ms for s in stats)}  # fmt: skip
-            self.round_study.set_user_attr(f"latency:{trial}", stored)
-        attrs = self.round_study.user_attrs
+        key, trials = self.latency.key_fields(), sorted(f.candidate.trial for f in finalists)
+        stored = self.round_study.user_attrs.get(LATENCY_PASS_ATTR)
+        if not stored or stored.get("key") != key or stored.get("trials") != trials:
+            passes: dict[int, list[LatencyStats]] = {f.candidate.trial: [] for f in finalists}
+            for _ in range(MEASURE_PASSES):
+                for f in finalists:
+                    arch = decode(f.candidate.arch)
+                    passes[f.candidate.trial].append(measure_arch(arch, self.num_classes, self.latency))
+            figures = {str(trial): {"median_ms": statistics.median(s.median_ms for s in stats),
+                                    "p10_ms": min(s.p10_ms for s in stats), "p90_ms": max(s.p90_ms for s in stats)}
+                       for trial, stats in passes.items()}  # fmt: skip
+            stored = {"key": key, "trials": trials, "figures": figures}
+            self.round_study.set_user_attr(LATENCY_PASS_ATTR, stored)
         for f in finalists:
-            stored = attrs[f"latency:{f.candidate.trial}"]
-            f.measured_ms, f.p10_ms, f.p90_ms = stored["median_ms"], stored["p10_ms"], stored["p90_ms"]
+            figure = stored["figures"][str(f.candidate.trial)]
+            f.measured_ms, f.p10_ms, f.p90_ms = figure["median_ms"], figure["p10_ms"], figure["p90_ms"]
 
 
 def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:

@@ -159,6 +159,7 @@ def study_identity(
         "directions": list(objective.directions),
         "search.hparams": OmegaConf.to_container(OmegaConf.create(hparams), resolve=True),
         "latency_device": latency.get("device_name"),
+        "latency.device": latency.get("device"),  # cpu | cuda: where nas.retrain measures the winner
         "latency_batch": latency.get("batch_size"),
         "latency.mode": latency.get("mode"),
         "latency.threads": latency.get("threads"),

@@ -81,7 +81,6 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_sums = torch.zeros(3)
         self._epoch_steps = 0
         self._epoch_images = 0
-        self._finite_checked = False
         # A captured step owns the optimizer and schedule, so Lightning must not step them itself.
         self.cuda_graph = cuda_graph
         self.automatic_optimization = not cuda_graph
@@ -107,9 +106,13 @@ class ClassifierModule(pl.LightningModule):
             self._accumulate(loss.detach(), logits.detach(), y)
         self._epoch_steps += 1
         self._epoch_images += len(y)
-        if self._epoch_steps % FINITE_CHECK_STEPS == 0:  # not only at validation: a graphed epoch would step on NaN
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        # At the epoch's last step (before anything validates or is logged), and every FINITE_CHECK_STEPS steps
+        # (a graphed epoch would keep stepping on NaN). Here, inside the step, every DDP rank reaches the check's
+        # collective at the same point: an epoch-end hook runs after callbacks that may sync metrics on rank 0 only.
+        if last or self._epoch_steps % FINITE_CHECK_STEPS == 0:
             self._raise_if_nonfinite()
-        if batch_idx + 1 >= self.trainer.num_training_batches:
+        if last:
             # Logged once, at the epoch's last batch, so callbacks see it in on_train_epoch_end.
             sums = self._epoch_sums
             # sync_dist: under DDP the epoch's figure is the mean over ranks (one reduction per epoch).
@@ -146,7 +149,6 @@ class ClassifierModule(pl.LightningModule):
             self._epoch_sums = torch.zeros(3, device=self.device)
         self._epoch_sums.zero_()
         self._epoch_steps = self._epoch_images = 0
-        self._finite_checked = False
 
     def on_train_end(self) -> None:
         self.release_graph()
@@ -158,12 +160,6 @@ class ClassifierModule(pl.LightningModule):
             self.graph_fallback = self._graphed.fallback
             self._graphed.release()
             self._graphed = None
-
-    def _check_finite(self) -> None:
-        """At validation, or at the epoch's end where nothing validates (and every FINITE_CHECK_STEPS steps)."""
-        if self._epoch_steps and not self._finite_checked:
-            self._finite_checked = True
-            self._raise_if_nonfinite()
 
     def _raise_if_nonfinite(self) -> None:
         """Under DDP the count is summed over the processes first: every rank checks at the same step, so all
@@ -177,14 +173,6 @@ class ClassifierModule(pl.LightningModule):
             raise NonFiniteLossError(
                 f"training loss became NaN or infinite in epoch {self.current_epoch} (by step {self._epoch_steps})"
             )
-
-    def on_validation_epoch_start(self) -> None:
-        # Validation runs inside the training epoch: stop before evaluating a diverged network.
-        self._check_finite()
-
-    def on_train_epoch_end(self) -> None:
-        # A retrain on train+val validates nothing: the check happens here instead.
-        self._check_finite()
 
     def _evaluate(
         self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str, acc: MulticlassAccuracy, loss: MeanMetric
