@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(source):
+def load(source, tracking_uri=None):
     """Load a retrained model for prediction; see :func:`nas.inference.load`."""
     from nas.inference import load as _load
 
-    return _load(source)
+    return _load(source, tracking_uri)

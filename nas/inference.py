@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from nas.models import build
 from nas.retrain.export import Preprocess, write_bundle
 from nas.space import decode
 
-ImageLike = Any  # a path, a PIL image, an (H, W[, C]) uint8 array, or a (C, H, W) uint8 tensor
+ImageLike = Any  # a path, a file's bytes, a PIL image, an (H, W[, C]) uint8 array, or a (C, H, W) uint8 tensor
 
 
 class Classifier:
@@ -36,7 +37,9 @@ class Classifier:
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        if isinstance(image, str | Path):
+        if isinstance(image, bytes | bytearray):  # a file's contents (what a served request carries)
+            image = io.BytesIO(image)
+        if isinstance(image, str | Path | io.BytesIO):
             with Image.open(image) as pil:
                 return self._tensor(pil)
         if isinstance(image, Image.Image) and self.pre.image_size is not None:

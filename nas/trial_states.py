@@ -19,6 +19,13 @@ STALE = "stale"  # a queued finalist run dropped before training: a rerun's roun
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def epoch_seconds(trial: FrozenTrial) -> float | None:
+    """Seconds per epoch the trial trained at (Lightning's timer over its epochs), if it recorded them: the pace
+    a retrain of its network is estimated at."""
+    seconds, epochs = (trial.user_attrs.get("time_s") or {}).get("epochs"), trial.user_attrs.get("epochs")
+    return float(seconds) / int(epochs) if seconds and epochs else None
+
+
 def state(trial: FrozenTrial) -> str:
     """The trial's outcome; Optuna's own state where ours was never written (e.g. a killed process)."""
     if trial.state == TrialState.PRUNED:

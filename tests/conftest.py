@@ -21,6 +21,9 @@ from nas.cli import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg"
+# How long a test waits for a process (a command, a server, a line) before calling it hung: a guard against a
+# hang, never a speed check; the suite must pass on a CI machine other jobs slow down several times over.
+HANG_S = 900
 
 # Small enough that one epoch of digits trains in a couple of seconds on 2 CPU cores.
 TINY_SPACE = (ROOT / "tests" / "tiny_space.yaml").read_text()  # also the dry run of benchmarks/gpu_checks.py
@@ -69,6 +72,15 @@ def budget_at_percentile(space_file: Path, cfg: DictConfig, q: float) -> float:
 def compose_cfg(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_store_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.tracking_uri`` defaults to MLFLOW_TRACKING_URI, which MLflow's own ``set_tracking_uri`` writes:
+    every test starts without it (a store from the shell or from another test is never written to), and what a
+    test sets is undone after it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so that the deletion is undone too
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 @pytest.fixture
@@ -134,7 +146,7 @@ def mlflow_server(cwd: Path, auth: bool = False) -> Iterator[tuple[subprocess.Po
     server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + HANG_S
         while True:
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=5).read()

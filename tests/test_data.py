@@ -14,7 +14,7 @@ from nas.data.datamodule import TensorImageDataModule
 from nas.data.folders import imagefolder
 from nas.data.sources import DataError, cifar10, digits, svhn
 from nas.train.run import load_training_data, make_datamodule
-from tests.conftest import CIFAR_JPG, compose_cfg, subprocess_env
+from tests.conftest import CIFAR_JPG, HANG_S, compose_cfg, subprocess_env
 
 
 def test_validation_split_is_disjoint_and_seeded():
@@ -151,7 +151,7 @@ def test_train_cli_missing_data_exits_cleanly(tmp_path):
         text=True,
         cwd=tmp_path,
         env=subprocess_env(),
-        timeout=120,
+        timeout=HANG_S,
     )
     assert proc.returncode == 2
     assert "error: data set CIFAR-10 not found in" in proc.stderr

@@ -17,7 +17,7 @@ from nas.latency.measure import LatencySettings, measure_arch, measure_module
 from nas.latency.table import Calibration, LatencyTable, LayerModel, arch_components, space_components, table_id
 from nas.models import cost
 from nas.space import arch_from_text, decode, load_space, reference
-from tests.conftest import TINY_ARCH, subprocess_env
+from tests.conftest import HANG_S, TINY_ARCH, subprocess_env
 
 FAST = LatencySettings(device="cpu", batch_size=1, threads=1, warmup=3, repeats=10)
 
@@ -179,7 +179,7 @@ def test_cli_build_table_and_validate(tmp_path, tiny_space):
         text=True,
         cwd=tmp_path,
         env=subprocess_env(),
-        timeout=300,
+        timeout=HANG_S,
     )
     counts = re.compile(r"(\d+) entries \((\d+) measured now, (\d+) from cache\); calibration a=\S+ b=\S+ ms for sp")
     first, again = run("build-table"), run("build-table")

@@ -113,3 +113,25 @@ def test_importances_name_a_dozen_and_group_the_rest_per_stage():
     )
     assert sum(v for _, v in grouped) == pytest.approx(sum(raw.values()))
     assert [v for _, v in grouped] == sorted((v for _, v in grouped), reverse=True)
+
+
+def test_the_importance_chart_says_what_it_rests_on_and_needs_enough_networks(tmp_path, capsys):
+    """Issue 32, item 8: fANOVA over 4 networks and a dozen choices ranks noise: no chart, one line; with
+    enough networks the chart says how many it rests on."""
+    budget = 2.0
+    few = _study(budget)
+    for n in range(3):
+        few.add_trial(_trial("complete", 0.5 + 0.01 * n, 1.0, budget, {"lr": 0.01 * (n + 1), "width": 0.5}))
+    files = {f.name for f in study_plots(few, tmp_path / "few", make_objective("accuracy", budget))}
+    assert "param_importances.png" not in files and "accuracy_vs_latency.png" in files
+    assert "what-matters chart not drawn: 3 trained network(s) sampled by the search, fewer than the 20" in (
+        capsys.readouterr().out
+    )
+    enough = optuna.create_study(direction="maximize")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lr, width = float(10 ** rng.uniform(-3, 0)), float(rng.choice([0.5, 1.0]))
+        enough.add_trial(_trial("complete", 0.5 + 0.1 * np.log10(lr), 1.0, budget, {"lr": lr, "width": width}))
+    study_plots(enough, tmp_path / "enough", make_objective("accuracy", budget))
+    html = (tmp_path / "enough" / "param_importances.html").read_text()
+    assert "importance for val_acc (fANOVA over 20 trained networks)" in html

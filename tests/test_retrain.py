@@ -25,7 +25,7 @@ from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
 from nas.train.run import load_training_data, make_datamodule
-from tests.conftest import FAST, TINY_ARCH, compose_cfg, subprocess_env, write_image_folder
+from tests.conftest import FAST, HANG_S, TINY_ARCH, compose_cfg, subprocess_env, write_image_folder
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
 
@@ -120,19 +120,20 @@ def test_retrain_registers_a_model_that_loads_anywhere(in_tmp, tiny_space):
     assert (bundle / "arch.txt").read_text().strip() == best.user_attrs["arch"]
     assert str(client.get_model_version_by_alias("nas-tiny-digits", "champion").version) == "1"
 
-    # A fresh process loads the registered model and gives the same outputs, for any batch size.
+    # A fresh process loads the registered model through MLflow alone (its python_function carries the network
+    # and the code that preprocesses images), and its network gives the same outputs, for any batch size.
     x = torch.randn(7, 3, 16, 16)
     np.save(in_tmp / "x.npy", x.numpy())
     code = (
         "import mlflow, numpy as np, torch\n"
         f"mlflow.set_tracking_uri('sqlite:///{in_tmp}/outputs/mlflow.db')\n"
-        "m = mlflow.pytorch.load_model('models:/nas-tiny-digits/latest').eval()\n"
+        "m = mlflow.pyfunc.load_model('models:/nas-tiny-digits/latest').unwrap_python_model().classifier.model\n"
         "x = torch.from_numpy(np.load('x.npy'))\n"
         "with torch.no_grad():\n"
         "    np.save('y7.npy', m(x).numpy()); np.save('y1.npy', m(x[:1]).numpy())\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=in_tmp, capture_output=True, text=True, env=subprocess_env(), timeout=300
+        [sys.executable, "-c", code], cwd=in_tmp, capture_output=True, text=True, env=subprocess_env(), timeout=HANG_S
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import mlflow
@@ -206,7 +207,7 @@ def test_retrain_cli_from_a_pareto_study_validating_each_epoch(in_tmp, tiny_spac
                   key=lambda t: t.user_attrs["latency_ms"])  # fmt: skip
     cmd = [sys.executable, "-m", "nas.retrain", "select=pareto:0", *FAST, "train.epochs=2",
            "retrain.train_on_val=false", "retrain.export=false"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=in_tmp, env=subprocess_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=in_tmp, env=subprocess_env(), timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"retrained {fastest.user_attrs['arch']}" in proc.stdout
     assert "registered models:/nas-tiny-digits/1 (alias @champion)" in proc.stdout
@@ -235,7 +236,7 @@ def test_retrain_cli_with_explicit_arch(tmp_path):
         text=True,
         cwd=tmp_path,
         env=subprocess_env(),
-        timeout=300,
+        timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "registered models:/tiny-arch/1 (alias @champion)" in proc.stdout
@@ -249,12 +250,12 @@ def test_retrain_cli_with_explicit_arch(tmp_path):
     before = sorted(tmp_path.rglob("*"))
     env = {k: v for k, v in subprocess_env().items() if k != "MLFLOW_TRACKING_URI"}
     loaded = subprocess.run(command.replace("python", sys.executable, 1) + " && echo loaded", shell=True,
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=HANG_S)  # fmt: skip
     assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr[-2000:]
     assert sorted(tmp_path.rglob("*")) == before
     # From another folder it says where it looked and what to pass, again without creating a store.
     load = [sys.executable, "-c", "import nas; nas.load('models:/tiny-arch@champion')"]
-    elsewhere = subprocess.run(load, capture_output=True, text=True, cwd=tmp_path / "outputs", env=env, timeout=300)
+    elsewhere = subprocess.run(load, capture_output=True, text=True, cwd=tmp_path / "outputs", env=env, timeout=HANG_S)
     assert elsewhere.returncode != 0 and "pass tracking_uri=" in elsewhere.stderr
     assert sorted(tmp_path.rglob("*")) == before
 
@@ -375,13 +376,11 @@ def test_retrain_command_carries_data_recipe_and_non_default_stores():
 
 def test_the_same_retrain_command_gives_the_same_weights_and_another_seed_other_ones(in_tmp):
     """Seeded from ``seed`` on CPU: rerunning the command reproduces the network bit for bit."""
-    import mlflow
-
     def weights(*extra: str) -> dict[str, torch.Tensor]:
         cfg = compose_cfg(f"arch={TINY_ARCH}", *FAST, "retrain.export=false", "retrain.register=false", *extra,
                           config_name="retrain_app")  # fmt: skip
         run_id = retrain(cfg).run_id
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/model").state_dict()
+        return nas.load(f"runs:/{run_id}/bundle", tracking_uri=f"sqlite:///{in_tmp}/outputs/mlflow.db").model.state_dict()
 
     first, again, other = weights(), weights(), weights("seed=1")
     assert first.keys() == again.keys()
@@ -392,7 +391,6 @@ def test_the_same_retrain_command_gives_the_same_weights_and_another_seed_other_
 def test_a_two_process_ddp_retrain_records_one_run_and_tests_every_image_once(tmp_path):
     """Lightning's DDP (gloo, 2 CPU processes) on a streamed folder: the second process is started by
     Lightning with the same command; only rank 0 creates, logs and registers."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     root = write_image_folder(tmp_path / "imgs", per_class=30, size=16)
@@ -401,7 +399,7 @@ def test_a_two_process_ddp_retrain_records_one_run_and_tests_every_image_once(tm
     cmd = [sys.executable, "-m", "nas.retrain", f"arch={TINY_ARCH}", *folder, "data.storage=stream", "data.workers=1",
            "train.devices=2", "train.epochs=2", "train.batch_size=8", "retrain.export=false",
            "retrain.model_name=ddp"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("retrained ") == 1 and "registered models:/ddp/1" in proc.stdout
     uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
@@ -413,11 +411,109 @@ def test_a_two_process_ddp_retrain_records_one_run_and_tests_every_image_once(tm
     assert run.data.params["train.devices"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
     # The logged test accuracy is over all 13 images, each once: the same as one process finds.
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model("models:/ddp/1").eval()
+    model = nas.load("models:/ddp/1", tracking_uri=uri).model
     cfg = compose_cfg(*folder, "data.storage=memory")
     dm = make_datamodule(cfg, load_training_data(cfg), 16, train_on_val=True)
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
     assert len(dm.test_split.y) == 13
     assert run.data.metrics["test_acc"] == pytest.approx(correct / 13, abs=1e-6)
+
+
+def test_mlflow_tracking_uri_in_the_environment_is_where_search_and_retrain_record(in_tmp, tiny_space, monkeypatch,
+                                                                                  capsys):  # fmt: skip
+    """Issue 32, item 9: MLflow's own MLFLOW_TRACKING_URI is the default store when set (what MLflow tells its
+    users to export for a team server): the search and the retrain record there, nothing lands in
+    outputs/mlflow.db, and the nas.load line the retrain prints works verbatim in a new shell."""
+    from mlflow.tracking import MlflowClient
+
+    from nas.retrain.__main__ import main
+
+    team = in_tmp / "team" / "mlflow.db"
+    team.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{team}")
+    run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1"))
+    out = capsys.readouterr().out
+    assert f"MLflow sqlite:///{team}" in out.splitlines()[0]  # the start line names the store in use
+    assert "mlflow.tracking_uri=" not in out  # the printed commands need nothing more in this environment
+    main(compose_cfg(*FAST, "train.epochs=1", "retrain.export=false", config_name="retrain_app"))
+    out = capsys.readouterr().out
+    assert not (in_tmp / "outputs" / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{team}")
+    assert client.get_registered_model("nas-tiny-digits").aliases == {"champion": 1}
+    line = next(s for s in out.splitlines() if s.startswith("  use it: ")).removeprefix("  use it: ")
+    assert line == "python -c \"import nas; m = nas.load('models:/nas-tiny-digits@champion')\""
+    code = line.removeprefix('python -c "').removesuffix('"') + "; print(m.classes)"
+    elsewhere = in_tmp / "elsewhere"
+    elsewhere.mkdir()
+    env = subprocess_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{team}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env,
+                          timeout=HANG_S)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str([str(i) for i in range(10)])
+
+
+def test_the_registered_model_serves_raw_images_through_mlflow(in_tmp, monkeypatch):
+    """Issue 32, item 7: what an MLflow user tries first. mlflow.pyfunc.load_model(...).predict and a real
+    ``mlflow models serve`` on 127.0.0.1 take image files (bytes; base64 in JSON) and answer the classes and
+    probabilities nas.load gives: the preprocessing travels with the registered model."""
+    import base64
+    import io
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from nas.data.sources import digits
+
+    uri = f"sqlite:///{in_tmp}/outputs/mlflow.db"
+    retrain(compose_cfg(f"arch={TINY_ARCH}", *FAST, "train.epochs=1", "retrain.export=false",
+                        "retrain.model_name=served", config_name="retrain_app"))  # fmt: skip
+    test = digits(str(in_tmp / "data"))
+    arrays = [test.test_x[i, 0].numpy() for i in range(12)]  # 8x8 grey digits, as files
+    files = []
+    for a in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(a).save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    local = nas.load("models:/served@champion", tracking_uri=uri)
+    run_id = MlflowClient(uri).get_model_version_by_alias("served", "champion").run_id
+    bundle = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/bundle", tracking_uri=uri))
+    pre = json.loads((bundle / "preprocess.json").read_text())
+    assert pre["channels"] == 1 and pre["network_input"] == [3, 16, 16]  # the images' channels, the network's input
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/served@champion").predict(pd.DataFrame({"image": files}))
+    assert list(served["class"]) == local.predict(arrays)
+    np.testing.assert_allclose(np.stack(served["probabilities"]), local.predict_proba(arrays), atol=1e-6)
+    assert list(served["class_index"]) == [local.classes.index(c) for c in served["class"]]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = subprocess_env() | {"MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + HANG_S
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow models serve did not start"
+                time.sleep(1)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(f).decode()] for f in files]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        answer = json.load(urllib.request.urlopen(request, timeout=60))["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [p["class"] for p in answer] == local.predict(files)
+    np.testing.assert_allclose([p["probabilities"] for p in answer], local.predict_proba(files), atol=1e-6)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.runner import EXIT_TOO_MANY_FAILURES, run_search
-from tests.conftest import FAST, TINY_SPACE, compose_cfg, mlflow_server, subprocess_env, write_image_folder
+from tests.conftest import FAST, HANG_S, TINY_SPACE, compose_cfg, mlflow_server, subprocess_env, write_image_folder
 
 
 def _study(cwd: Path, name: str = "tiny-digits") -> optuna.Study:
@@ -47,10 +47,10 @@ def _start(cwd: Path, space: Path, *args: str, env: dict | None = None) -> tuple
 def _rerun(cwd: Path, space: Path, *args: str) -> subprocess.CompletedProcess:
     """The same command again, to completion: what a user does to resume."""
     cmd = [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=HANG_S)
 
 
-def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
     deadline = time.time() + timeout
     while not any(text in line for line in lines):
         assert proc.poll() is None, f"search exited early: {proc.stderr.read()}"
@@ -61,11 +61,10 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: floa
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_trial_records_it_and_rerun_resumes(tmp_path, tiny_space, sig, code):
     slow = ("train.epochs=3", "data.repeat=4", "search.pruner=none")
-    proc, lines = _start(tmp_path, tiny_space, "trials=5", *slow)
-    _wait_for(lines, "[1/5] trial", proc)
-    time.sleep(2.0)  # the second trial is training now
+    proc, lines = _start(tmp_path, tiny_space, "trials=5", *slow, "search.progress_s=0")
+    _wait_for(lines, "      trial 1 epoch 1/3: ", proc)  # the second trial is training now
     proc.send_signal(sig)
-    stderr = proc.communicate(timeout=60)[1]
+    stderr = proc.communicate(timeout=HANG_S)[1]
     assert proc.returncode == code
     assert f"interrupted by {sig.name}: trial 1 recorded as failed" in stderr
     assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
@@ -92,9 +91,8 @@ def test_sigkill_then_immediate_rerun_retries_the_stale_trial_and_closes_its_run
     # Trials of ~10 s and a 10 s grace period: the rerun starts (~7 s) before the heartbeat is stale and
     # notices it after its first trial (a slower start-up only moves the sweep to start-up).
     slow = ("train.epochs=3", "data.repeat=16", "search/pruner=none", "search.heartbeat_s=5")
-    proc, lines = _start(tmp_path, tiny_space, "trials=3", *slow)
-    _wait_for(lines, "[1/3] trial", proc)
-    time.sleep(2.0)
+    proc, lines = _start(tmp_path, tiny_space, "trials=3", *slow, "search.progress_s=0")
+    _wait_for(lines, "      trial 1 epoch 1/3: ", proc)  # the second trial is training now
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     study = _study(tmp_path)
@@ -153,7 +151,7 @@ def test_tracking_server_down_mid_search_is_recorded_and_ends_in_one_clear_line(
         _wait_for(lines, "[1/4] trial", proc)
         server.terminate()
         server.wait(timeout=30)
-        stderr = proc.communicate(timeout=300)[1]
+        stderr = proc.communicate(timeout=HANG_S)[1]
     assert proc.returncode == EXIT_TOO_MANY_FAILURES, stderr[-3000:]
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -381,7 +379,7 @@ def test_search_stops_through_the_real_command_with_its_exit_code(tmp_path, tiny
     """Exit 3 (nothing feasible) and 4 (too many failures), as a shell script sees them."""
     proc = subprocess.run(
         [sys.executable, "-m", "nas.search", f"+space={tiny_space}", *FAST, *args],
-        capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=HANG_S,
     )  # fmt: skip
     assert proc.returncode == code, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -406,8 +404,44 @@ def test_bad_input_through_the_real_command(tmp_path, args, message):
         text=True,
         cwd=tmp_path,
         env=subprocess_env(),
-        timeout=180,
+        timeout=HANG_S,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr and "s3cret" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_retrain_says_what_it_does_and_a_signal_stops_it_with_one_line(in_tmp, tiny_space, capsys, sig, code):
+    """Issue 32, items 1-3: the search's summary names a short retrain and the full one, with their length at
+    the trials' pace; trials show epoch lines (search.progress_s=0: every epoch); the retrain prints what it
+    trains, on what and for how long, then a line per epoch (not a terminal); a signal stops it with one line,
+    its run KILLED, nothing registered, exit 130/143 (never 0)."""
+    result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=1", "search.progress_s=0"))
+    out = capsys.readouterr().out
+    assert "      trial 0 epoch 1/1: train_loss " in out and "val_acc" in out
+    command = "python -m nas.retrain study.name=tiny-digits data=digits train/optimizer=sgd train/schedule=cosine"
+    short = f"{command} train.batch_size=64 train.epochs=1 retrain.register=false   (1 epoch, about "
+    assert f"try a retrain: {short}" in out
+    assert f"retrain best:  {command} train.batch_size=64   (the full recipe: 200 epochs, about " in out
+    cmd = [sys.executable, "-m", "nas.retrain", *FAST, "train.epochs=40", "retrain.export=false"]
+    proc = subprocess.Popen(cmd, cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    _wait_for(lines, "  epoch 1/40: train_loss ", proc)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=HANG_S)[1]
+    assert proc.returncode == code, stderr[-2000:]
+    trial = result.study.trials[0]
+    assert lines[0] == f"retraining trial 0 of study tiny-digits: {trial.user_attrs['arch']}\n"
+    assert re.match(r"  0\.\d\d M params, .* data digits: 1438 train\+val / 359 test images; 40 epochs of batch 64; "
+                    r"MLflow sqlite:///outputs/mlflow\.db run \w+\n", lines[1]), lines[1]  # fmt: skip
+    assert re.match(r"  about \d+ (s|min) at the search trial's pace \(\d+\.\d s per epoch\)", lines[2]), lines[2]
+    assert f"interrupted by {sig.name}: the retrain stopped before it finished; its MLflow run is marked KILLED" in (
+        stderr
+    )
+    assert "Traceback" not in stderr
+    retrains = [r for r in _runs(in_tmp) if r.data.tags.get("nas.kind") == "retrain"]
+    assert [r.info.status for r in retrains] == ["KILLED"]
+    assert MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db").search_registered_models() == []

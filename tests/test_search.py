@@ -227,17 +227,29 @@ def test_no_pruning_without_enough_trials_reported_at_that_epoch(in_tmp, tiny_sp
     assert [m.step for m in client().get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 
-def test_references_run_first_as_yardsticks(in_tmp, tmp_path, tiny_space):
+def test_references_run_first_as_yardsticks_and_an_interrupted_one_trains_on_the_rerun(in_tmp, tiny_space, monkeypatch):
+    """The queued yardstick is trial 0. Ctrl-C while it trains: it is recorded as failed and goes back to the
+    queue (as a surplus or heartbeat-retried trial does), so the rerun trains it before sampling anything."""
+    from nas.search import objective
+
     text = (
         tiny_space.read_text() + "references:\n  - {name: mobilenet_v3_small, stem_stride: 1, first_stride2_as_1: 1}\n"
     )
     tiny_space.write_text(text)
+    real = objective.train_arch
+    monkeypatch.setattr(objective, "train_arch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    stopped = run_search(cfg_for(tiny_space, "trials=2"))
+    assert stopped.exit_code == 130
+    assert stopped.study.trials[0].user_attrs["reference"] == "mobilenet_v3_small"
+    assert stopped.study.trials[0].state == optuna.trial.TrialState.FAIL
+    monkeypatch.setattr(objective, "train_arch", real)
     result = run_search(cfg_for(tiny_space, "trials=2"))
-    first = result.study.trials[0]
-    assert first.user_attrs["reference"] == "mobilenet_v3_small"
+    trained = [t for t in result.study.trials if t.user_attrs.get("state") == "complete"]
+    first = trained[0]
+    assert first.number == 1 and first.user_attrs["reference"] == "mobilenet_v3_small"
     assert first.user_attrs["arch"].startswith("nas1-r16-w1-stem_c16_s1_hs-k3_e1_c16_s1_re_se-k3_e4.5_c24_s2_re")
-    assert "reference" not in result.study.trials[1].user_attrs
-    run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == "0")
+    assert len(trained) == 2 and "reference" not in trained[1].user_attrs
+    run = next(r for r in runs_of("tiny-digits") if r.data.tags.get("optuna.trial_number") == "1")
     assert run.data.tags["nas.reference"] == "mobilenet_v3_small"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import AUTH_PASSWORD, FAST, TINY_SPACE, mlflow_server, subprocess_env
+from tests.conftest import AUTH_PASSWORD, FAST, HANG_S, TINY_SPACE, mlflow_server, subprocess_env
 
 TABLE = ("latency.estimator=table", "latency.calibrate=2")
 
@@ -18,7 +18,7 @@ def _search(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Comple
     space = cwd / "tiny.yaml"
     space.write_text(TINY_SPACE)
     cmd = [sys.executable, "-m", "nas.search", f"+space={space}", *FAST, *TABLE, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or subprocess_env(), timeout=600)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or subprocess_env(), timeout=HANG_S)
 
 
 def _files_with(root: Path, secret: str) -> list[str]:

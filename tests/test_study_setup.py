@@ -16,7 +16,7 @@ from nas.objectives import make_objective
 from nas.search.pruning import EvidencePruner
 from nas.search.runner import run_search
 from nas.search.study import make_pruner, make_sampler, with_group_files
-from tests.conftest import FAST, TINY_SPACE, compose_cfg, subprocess_env, write_image_folder
+from tests.conftest import FAST, HANG_S, TINY_SPACE, compose_cfg, subprocess_env, write_image_folder
 
 
 def _search(space: Path, *extra: str):
@@ -149,7 +149,7 @@ def test_a_sampler_file_added_by_the_user_runs_through_the_command(tmp_path):
     args = [f"+space={space}", *FAST, "trials=2", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
             "search/sampler=qmc"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "nas.search", *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=subprocess_env(), timeout=300)  # fmt: skip
+                          env=subprocess_env(), timeout=HANG_S)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[2/2] trial" in proc.stdout
     study = optuna.load_study(study_name="tiny-digits", storage=f"sqlite:///{tmp_path}/outputs/optuna.db")

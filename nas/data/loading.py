@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from nas.data.folders import ImageFiles, folder_classes
 from nas.data.sources import DataError, ImageSplits
@@ -77,6 +78,16 @@ def memory_budget(data_cfg: Any, gpu: str | None, processes: int = 1, per_device
     return MemoryBudget(host, None, fraction, processes, per_device, gpu)
 
 
+def check_root(data_cfg: Any) -> None:
+    """A data set that must be told where it is (an image folder) says so, instead of a traceback from the
+    first place that reads the missing value."""
+    if OmegaConf.is_missing(data_cfg, "root"):
+        raise DataError(
+            f"data={data_cfg.name} needs the folder of images: add data.root=DIR (DIR/train/<class>/*.jpg with "
+            "DIR/test/<class>/*.jpg, or DIR/<class>/*.jpg)"
+        )
+
+
 def check_storage(data_cfg: Any) -> str:
     storage = str(data_cfg.get("storage", "auto"))
     if storage not in STORAGES:
@@ -114,6 +125,7 @@ def load_data(data_cfg: Any, budget: MemoryBudget) -> ImageData:
 def class_count(data_cfg: Any) -> int:
     """How many classes the configured data has, for what needs it before (or without) loading the images,
     such as a latency table's classifier entries: ``data.num_classes``, else the folder's own classes."""
+    check_root(data_cfg)
     stated = data_cfg.get("num_classes")
     if stated is not None:
         return int(stated)

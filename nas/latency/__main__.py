@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.cli import CONF_DIR, launch, quiet_libraries, user_errors
 from nas.errors import NasError
 from nas.latency.estimator import settings_from_cfg
 from nas.latency.fidelity import validate
@@ -100,4 +100,4 @@ if __name__ == "__main__":
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     _command.append(sys.argv.pop(1))
-    app()
+    launch(app, "latency_app")

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.cli import CONF_DIR, launch, quiet_libraries, user_errors
 
 
 @user_errors
@@ -38,4 +38,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "config")

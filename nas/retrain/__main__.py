@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import CONF_DIR, default_tracking_uri, quiet_libraries, user_errors
+from nas.cli import CONF_DIR, default_tracking_uri, launch, quiet_libraries, user_errors
+from nas.interrupts import Interrupted, signals_interrupt
 
 
 @user_errors
@@ -13,7 +16,17 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
     from nas.retrain.run import retrain
 
-    r = retrain(cfg)
+    try:
+        with signals_interrupt():
+            r = retrain(cfg)
+    except Interrupted as exc:
+        print(
+            f"\ninterrupted by {exc.signame}: the retrain stopped before it finished; its MLflow run is marked KILLED "
+            f"and the @{cfg.retrain.alias} alias was not moved. Rerun the same command to retrain from the start",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(exc.exit_code)
     if r is None:  # a DDP rank other than 0: rank 0 reports
         return
     print(f"retrained {r.selection.arch.encode()}")
@@ -55,4 +68,4 @@ def app(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "retrain_app")

@@ -29,6 +29,9 @@ class Preprocess:
     classes: list[str]
     resize: str = RESIZE  # how images reach `resolution` (bundles written before the field: read as this one)
     image_size: int | None = None  # the side a folder's files were decoded to first (data.image_size), if any
+    # What the network itself takes, whatever `channels` the images had: float32 (N, 3, resolution, resolution),
+    # (x / 255 resized - mean) / std, grey images repeated to 3 channels.
+    network_input: list[int] | None = None
 
 
 def write_bundle(directory: Path, model: nn.Module, arch: Arch, pre: Preprocess) -> Path:

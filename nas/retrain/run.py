@@ -8,26 +8,27 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import mlflow
-import numpy as np
 import optuna
 import torch
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from nas.data import TensorImageDataModule
 from nas.data.loading import ImageData
 from nas.errors import NasError
+from nas.interrupts import Interrupted
 from nas.latency.estimator import settings_from_cfg
 from nas.latency.measure import LatencySettings, cpu_name, measure_arch
 from nas.models import cost
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run
+from nas.retrain.serving import log_serving_model
 from nas.space import Arch, arch_from_text
 from nas.studies import identity_diffs, load_search_study, make_storage, search_study_names
 from nas.tracking.runs import connect, experiment_id
 from nas.tracking.trials import EpochMetricsToMlflow
 from nas.train.module import NonFiniteLossError
+from nas.train.progress import EpochLines, human_duration, progress_bar
 from nas.train.run import (
     apply_hparams,
     check_data_cfg,
@@ -41,6 +42,7 @@ from nas.train.run import (
     recipe,
     recipe_overrides,
 )
+from nas.urls import mask_url
 
 
 @dataclass
@@ -169,6 +171,7 @@ def _preprocess(cfg: DictConfig, dm: TensorImageDataModule, resolution: int, cha
         channels=channels,
         classes=list(dm.classes),
         image_size=None if stored is None else int(stored),
+        network_input=[3, resolution, resolution],
     )
 
 
@@ -199,13 +202,33 @@ def _fit(
     pl.seed_everything(int(run_cfg.seed), workers=False, verbose=False)
     module = make_module(run_cfg, arch, dm.num_classes)
     overrides = {"limit_val_batches": 0} if train_on_val else {}
-    trainer = make_trainer(run_cfg, [metrics] if metrics is not None else [], **overrides)
+    callbacks: list[pl.Callback] = [] if metrics is None else [metrics]
+    if not progress_bar(run_cfg.train.progress_bar):
+        callbacks.append(EpochLines("  "))  # on every rank (it reads the synced metrics), printed by rank 0
+    trainer = make_trainer(run_cfg, callbacks, **overrides)
     try:
         trainer.fit(module, datamodule=dm)
     except NonFiniteLossError as exc:
         raise divergence_error(exc, run_cfg, ": nothing registered") from None
     test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
     return module.model.cpu().eval(), test_acc
+
+
+def _announce(cfg: DictConfig, sel: Selection, arch: Arch, dm: TensorImageDataModule, run_id: str) -> None:
+    """What is about to train, on what, for how long, recorded where: before minutes to hours of training."""
+    c, epochs = cost(arch, dm.num_classes), int(cfg.train.epochs)
+    length = f"{epochs} epoch{'s' * (epochs != 1)} of batch {int(cfg.train.batch_size)}"
+    train, test = len(dm.train_split.y), len(dm.test_split.y) if dm.test_split is not None else 0
+    what = "train+val" if dm.train_on_val else "train"
+    print(f"retraining {sel.describe()}: {arch.encode()}", flush=True)
+    print(f"  {c.params / 1e6:.2f} M params, {c.mflops:.1f} MFLOPs at {arch.resolution}px; data {cfg.data.name}: "
+          f"{train} {what} / {test} test images; {length}; MLflow "
+          f"{mask_url(str(cfg.mlflow.tracking_uri))} run {run_id}", flush=True)  # fmt: skip
+    if sel.epoch_seconds:
+        searched = train - (len(dm.val_split.y) if dm.train_on_val else 0)  # what the trial's epochs went over
+        per_epoch = sel.epoch_seconds * train / max(searched, 1)
+        print(f"  about {human_duration(per_epoch * epochs)} at the search trial's pace ({per_epoch:.1f} s per "
+              f"epoch); train.epochs=N for a shorter run", flush=True)  # fmt: skip
 
 
 def retrain(cfg: DictConfig) -> RetrainResult | None:
@@ -224,6 +247,7 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
         _fit(run_cfg, arch, dm, None, train_on_val)
         return None
     run_id = _create_run(cfg, client, sel)
+    _announce(run_cfg, sel, arch, dm, run_id)
     try:
         with mlflow.start_run(run_id=run_id):
             params = {"arch": arch.encode(), "train.epochs": run_cfg.train.epochs, "train_on_val": train_on_val}
@@ -246,6 +270,9 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
             result.model_name = name if result.model_version else None
             result.alias_moved = bool(result.model_version) and move_alias
         client.set_terminated(run_id, "FINISHED")
+    except Interrupted:
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -269,8 +296,9 @@ def _publish(
     name: str,
     move_alias: bool,
 ) -> str | None:
-    """Bundle + exports as artifacts; the model logged (pickle: any batch size), registered, and given the
-    alias unless it missed the latency budget."""
+    """Bundle + exports as artifacts; the model logged as MLflow's python_function of raw images (its
+    preprocessing included: what ``mlflow models serve`` runs), registered, and given the alias unless it
+    missed the latency budget."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", model, arch, pre)
         mlflow.log_artifacts(str(bundle), "bundle")
@@ -282,17 +310,7 @@ def _publish(
             (exports / "arch.txt").write_text(arch.encode() + "\n")
             mlflow.log_artifacts(str(exports), "export")
             mlflow.log_metric("onnx_max_abs_diff", err)
-    example = np.random.default_rng(0).standard_normal((2, 3, arch.resolution, arch.resolution)).astype(np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example,
-        signature=infer_signature(example, output),
-        serialization_format="pickle",  # pt2 would fix the batch size to the example's
-        registered_model_name=name if cfg.retrain.register else None,
-    )
+        info = log_serving_model(bundle, arch.resolution, pre.channels, name if cfg.retrain.register else None)
     if not cfg.retrain.register:
         return None
     version = str(info.registered_model_version)

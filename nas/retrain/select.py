@@ -28,6 +28,13 @@ class Selection:
     how: str = "arch"
     identity: dict[str, Any] = field(default_factory=dict)  # the source study's setup, when known
     note: str | None = None  # something the user should know about the choice
+    epoch_seconds: float | None = None  # the source trial's training time per epoch (the retrain's pace estimate)
+
+    def describe(self) -> str:
+        if self.study and self.trial is not None:
+            won = " (the finalist round's winner)" if self.how == "finalist" else ""
+            return f"trial {self.trial} of study {self.study}{won}"
+        return f"MLflow run {self.run_id}" if self.run_id else "the given architecture"
 
 
 def _hparams(trial: FrozenTrial, keys: list[str]) -> dict[str, Any]:
@@ -99,6 +106,7 @@ def from_study(study: optuna.Study, select: str, budget_ms: float | None, hparam
         trial=chosen.number,
         how=how,
         note=note,
+        epoch_seconds=trial_states.epoch_seconds(chosen),
     )
 
 

@@ -14,6 +14,7 @@ from nas.cli import CONF_DIR, default_tracking_uri
 from nas.objectives import StudyObjective
 from nas.search.finalists import Finalist, RoundOutcome, compare
 from nas.search.objective import TrialOutcome
+from nas.train.progress import human_duration
 from nas.train.run import recipe, recipe_overrides
 from nas.urls import mask_url
 
@@ -42,6 +43,22 @@ def retrain_command(cfg: DictConfig, study_name: str) -> str:
     if str(cfg.mlflow.tracking_uri) != default_tracking_uri():
         parts.append(f"mlflow.tracking_uri={mask_url(str(cfg.mlflow.tracking_uri))}")
     return " ".join(p for p in parts if p)
+
+
+def retrain_lines(cfg: DictConfig, study_name: str, epoch_seconds: float | None) -> list[str]:
+    """The next steps: a short retrain to try (the trials' epochs, not registered), then the full recipe, each
+    with how long it should take at the winner's own pace in the search."""
+    full = int(OmegaConf.load(Path(CONF_DIR) / "retrain_app.yaml").train.epochs)
+    short, command = int(cfg.train.epochs), retrain_command(cfg, study_name)
+
+    def pace(epochs: int) -> str:
+        return f", about {human_duration(epochs * epoch_seconds)} at the trials' pace" if epoch_seconds else ""
+
+    return [
+        f"try a retrain: {command} train.epochs={short} retrain.register=false   ({short} epoch"
+        f"{'s' * (short != 1)}{pace(short)}; not registered)",
+        f"retrain best:  {command}   (the full recipe: {full} epochs{pace(full)}; registered as @champion)",
+    ]
 
 
 def _fmt(x: float | None, spec: str) -> str:

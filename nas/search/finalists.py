@@ -30,15 +30,16 @@ from scipy.stats import kendalltau
 from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.errors import NasError
+from nas.interrupts import Interrupted
 from nas.latency.measure import LatencySettings, LatencyStats, measure_arch
 from nas.objectives import StudyObjective
-from nas.search.interrupts import SearchInterrupted
 from nas.search.objective import failure_reason, free_trial_memory
 from nas.search.study import worker_index
 from nas.search.waiting import RunningTrialsWait
 from nas.space import decode
 from nas.studies import FINALISTS_SUFFIX, ROUND_ATTR
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
+from nas.train.progress import EpochLines
 from nas.train.run import apply_hparams, train_arch
 
 DataModules = Callable[[DictConfig, int], TensorImageDataModule]  # (run config, resolution) -> data
@@ -172,9 +173,10 @@ class FinalistTraining:
             run_id = self.tracker.start_finalist_seed(attrs["run_id"], int(attrs["trial"]), int(attrs["seed"]), params)
             arch = decode(attrs["arch"])
             dm = self.datamodules(cfg, arch.resolution)  # its batch order and augmentation follow the run's seed
-            callbacks = [EpochMetricsToMlflow(self.tracker.client, run_id)]
+            lines = EpochLines(f"      {name} seed {attrs['seed']} ", float(self.cfg.search.get("progress_s", 30)))
+            callbacks = [EpochMetricsToMlflow(self.tracker.client, run_id), lines]
             result = train_arch(cfg, arch, dm, callbacks=callbacks)
-        except (SearchInterrupted, KeyboardInterrupt) as exc:
+        except (Interrupted, KeyboardInterrupt) as exc:
             self._end(run_id, "killed", "KILLED", "interrupted")
             raise KeyboardInterrupt("interrupted") from exc  # Optuna records FAIL; a rerun trains it again
         except Exception as exc:

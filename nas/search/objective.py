@@ -24,17 +24,18 @@ from nas import trial_states
 from nas.data import TensorImageDataModule
 from nas.data.loading import ImageData
 from nas.errors import NasError
+from nas.interrupts import Interrupted
 from nas.latency.estimator import LatencyEstimator
 from nas.models import arch_params, cost
 from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
 from nas.search.hparams import resolve_hparams, sample_hparams
-from nas.search.interrupts import SearchInterrupted
 from nas.search.pruning import ReportToPruner
 from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
 from nas.train.module import NonFiniteLossError
+from nas.train.progress import EpochLines
 from nas.train.run import apply_hparams, load_training_data, make_datamodule, train_arch
 
 CONSTRAINT_KEY = "latency_ms_over_budget"
@@ -96,6 +97,14 @@ def from_queue(trial: optuna.Trial) -> bool:
     """Enqueued (a yardstick) or a heartbeat retry: work that must not be lost if this run of it is surplus."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     return "fixed_params" in frozen.system_attrs or "failed_trial" in frozen.system_attrs
+
+
+def give_back(trial: optuna.Trial) -> None:
+    """Queued work this trial did not finish (surplus, interrupted) goes back to the queue, so a later run
+    trains it; a sampled trial is simply sampled again."""
+    if from_queue(trial):
+        kept = {k: v for k, v in trial.user_attrs.items() if k in ("reference", "arch")}
+        trial.study.enqueue_trial(trial.params, user_attrs=kept, skip_if_exists=False)
 
 
 @dataclass
@@ -161,9 +170,10 @@ class Objective:
             trial.set_user_attr("epochs", outcome.epochs)
             self._close_run(trial, outcome, trial_states.PRUNED, {})
             raise
-        except (SearchInterrupted, KeyboardInterrupt, SystemExit) as exc:
-            reason = str(exc) if isinstance(exc, SearchInterrupted) else "interrupted"
+        except (Interrupted, KeyboardInterrupt, SystemExit) as exc:
+            reason = str(exc) if isinstance(exc, Interrupted) else "interrupted"
             self._failed(trial, outcome, reason, "KILLED")
+            give_back(trial)  # an interrupted yardstick or retry trains on the rerun
             # Optuna marks a trial FAIL only for Exception/KeyboardInterrupt; anything else would leave it RUNNING.
             raise KeyboardInterrupt(reason) from exc
         except Exception as exc:
@@ -228,9 +238,7 @@ class Objective:
             return
         outcome.state = trial_states.SURPLUS
         trial.set_user_attr("state", trial_states.SURPLUS)
-        if from_queue(trial):  # give the queued work back, so a later run trains it
-            kept = {k: v for k, v in trial.user_attrs.items() if k in ("reference", "arch")}
-            trial.study.enqueue_trial(trial.params, user_attrs=kept, skip_if_exists=False)
+        give_back(trial)
         raise SurplusTrial(f"trial {trial.number} is not needed: {self.cfg.trials} trials trained or training")
 
     def _run(self, trial: optuna.Trial, outcome: TrialOutcome, t0: float) -> float | tuple[float, float]:
@@ -251,7 +259,8 @@ class Objective:
         timer = Timer()
         reporter = ReportToPruner(trial, lambda acc: self.goal.score(acc, latency))
         epoch_log = EpochMetricsToMlflow(self.tracker.client, run_id)
-        callbacks: list[Any] = [epoch_log, timer]
+        progress = EpochLines(f"      trial {trial.number} ", float(self.cfg.search.get("progress_s", 30)))
+        callbacks: list[Any] = [epoch_log, timer, progress]
         if self.goal.can_prune:  # Optuna takes no intermediate values from multi-objective trials
             callbacks.append(reporter)
         fault = (self.cfg.search.get("inject_faults") or {}).get(trial.number)

@@ -16,13 +16,13 @@ from optuna.trial import TrialState
 from nas import trial_states
 from nas.data.folders import ImageFiles
 from nas.errors import NasError
+from nas.interrupts import EXIT_CODES, Interrupted, signals_interrupt
 from nas.latency.estimator import TableLatency, make_estimator
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
 from nas.search.finalists import FinalistRound, FinalistTraining, RoundSettings, open_round_study, work_through
 from nas.search.hparams import resolve_hparams
-from nas.search.interrupts import EXIT_CODES, SearchInterrupted, signals_interrupt_search
 from nas.search.objective import Objective, TrialFailed, free_trial_memory
 from nas.search.study import (
     check_search_cfg,
@@ -101,6 +101,15 @@ def settle_storage(cfg: DictConfig, data: Any) -> DictConfig:
     return out
 
 
+def without_progress_bar(cfg: DictConfig) -> DictConfig:
+    """Trials print their own lines (and epoch lines when one is slow): Lightning's bar would break them up."""
+    if cfg.train.get("progress_bar") is False:
+        return cfg
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    OmegaConf.update(out, "train.progress_bar", False)
+    return out
+
+
 def _data_identity(cfg: DictConfig, splits: Any) -> dict[str, Any]:
     _, h, w = splits.image_shape
     root = cfg.data.get("root")
@@ -156,7 +165,7 @@ def check_phase(cfg: DictConfig) -> str:
 def open_session(cfg: DictConfig) -> Session:
     """Check everything that can be checked, then load the data and open (or resume) the study and its run."""
     target = parse_trials(cfg.trials)
-    cfg = with_group_files(cfg)
+    cfg = without_progress_bar(with_group_files(cfg))
     check_search_cfg(cfg)
     phase = check_phase(cfg)
     rounds = RoundSettings.from_cfg(cfg)
@@ -204,7 +213,8 @@ def run_search(cfg: DictConfig) -> SearchResult:
     print(
         f"{who}study {study.study_name} ({'new' if s.created else 'resumed'}, {trial_states.count_trained(study)}/"
         f"{s.target} networks trained) on {mask_url(str(cfg.study.storage))}; space {o.space.name}; data "
-        f"{cfg.data.name}; objective {s.goal.describe()}; latency on {o.estimator.settings.device_name()}",
+        f"{cfg.data.name}; objective {s.goal.describe()}; latency on {o.estimator.settings.device_name()}; MLflow "
+        f"{mask_url(str(cfg.mlflow.tracking_uri))}",
         flush=True,
     )
     if s.phase == "finalists":
@@ -212,9 +222,9 @@ def run_search(cfg: DictConfig) -> SearchResult:
     if workers.needs_processes(s.plans):
         return _run_workers(s)
     try:
-        with signals_interrupt_search():
+        with signals_interrupt():
             stopped = _trial_loop(cfg, study, s.tracker, o, s.target, s.storage)
-    except (SearchInterrupted, KeyboardInterrupt) as exc:
+    except (Interrupted, KeyboardInterrupt) as exc:
         return _interrupted(exc, study, s.tracker, o, s.target, s.worker)
     if s.worker:  # the main process relays this line and names it in its own summary
         if stopped:
@@ -229,9 +239,9 @@ def _finalist_worker(s: Session) -> SearchResult:
     name = s.study.study_name + FINALISTS_SUFFIX
     if name in names:
         try:
-            with signals_interrupt_search():
+            with signals_interrupt():
                 s.train_finalists(open_round_study(s.study, s.storage, int(s.cfg.seed)))
-        except (SearchInterrupted, KeyboardInterrupt) as exc:
+        except (Interrupted, KeyboardInterrupt) as exc:
             signame = _signame(exc)
             return SearchResult(s.study, s.tracker, EXIT_CODES.get(signame, 130), f"interrupted by {signame}")
     else:
@@ -245,13 +255,13 @@ def _conclude(s: Session, stopped: tuple[int, str] | None, train: Callable[[optu
     if not stopped and s.rounds.count:
         round_ = s.finalist_round()
         try:
-            with signals_interrupt_search():
+            with signals_interrupt():
                 done = round_.prepare()
                 if round_.round_study is not None:
                     print(round_.describe(done), flush=True)
                     train(round_.round_study)
                     outcome = round_.conclude()
-        except (SearchInterrupted, KeyboardInterrupt) as exc:
+        except (Interrupted, KeyboardInterrupt) as exc:
             return _interrupted_round(exc, s)
         if outcome is not None:
             outcome.runs = round_.runs()
@@ -330,9 +340,9 @@ def _spawn_and_wait(s: Session, extra: tuple[str, ...] = ()) -> tuple[list[int],
     s.objective.release_data()  # each worker loads its own copy
     started = workers.spawn(s.cfg, s.plans, folder, extra)
     try:
-        with signals_interrupt_search():
+        with signals_interrupt():
             return workers.wait_all(started), started
-    except SearchInterrupted as exc:
+    except Interrupted as exc:
         workers.wait_all(started, forward=exc.signame)
         raise
 
@@ -342,7 +352,7 @@ def _run_workers(s: Session) -> SearchResult:
     study, target = s.study, s.target
     try:
         codes, started = _spawn_and_wait(s)
-    except SearchInterrupted as exc:
+    except Interrupted as exc:
         message = (
             f"interrupted by {exc.signame}: workers stopped, running trials recorded as failed; "
             f"{trial_states.count_trained(study)}/{target} networks trained. Rerun the same command to resume"
@@ -369,8 +379,8 @@ def _run_workers(s: Session) -> SearchResult:
 
 
 def _signame(exc: BaseException) -> str:
-    cause = exc if isinstance(exc, SearchInterrupted) else exc.__cause__
-    return cause.signame if isinstance(cause, SearchInterrupted) else "SIGINT"
+    cause = exc if isinstance(exc, Interrupted) else exc.__cause__
+    return cause.signame if isinstance(cause, Interrupted) else "SIGINT"
 
 
 def _stopped_by_signal(

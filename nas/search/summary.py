@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from nas import trial_states
 from nas.objectives import ParetoObjective, StudyObjective
 from nas.report import publish_plots
-from nas.search.console import retrain_command, round_summary, summary_line, summary_table
+from nas.search.console import retrain_lines, round_summary, summary_line, summary_table
 from nas.search.finalists import RoundOutcome, log_round
+from nas.tracking.runs import runs_page
 from nas.tracking.trials import StudyTracker, TrackingError
 from nas.urls import mask_url
 
@@ -132,6 +133,13 @@ def _record_study(
     tracker.close_parent("FAILED" if failed else "FINISHED")
 
 
+def _winner_pace(study: optuna.Study, outcome: RoundOutcome | None, best: list) -> float | None:
+    """Seconds per epoch of the network ``nas.retrain select=best`` takes (the round's winner, else the best)."""
+    if outcome is not None and outcome.winner is not None:
+        return trial_states.epoch_seconds(study.trials[outcome.winner.candidate.trial])
+    return trial_states.epoch_seconds(best[0]) if best else None
+
+
 def finish(
     study: optuna.Study,
     tracker: StudyTracker,
@@ -162,11 +170,12 @@ def finish(
         unrecorded = f"the study's results are in {mask_url(str(cfg.study.storage))}, but {exc}"
         code, message = (code, f"{message}; {unrecorded}") if code else (EXIT_TRACKING, unrecorded)
     uri = mask_url(str(cfg.mlflow.tracking_uri))
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    page = runs_page(uri if uri.startswith("http") else "http://127.0.0.1:5000", tracker.experiment_id)
+    ui = f"mlflow ui --backend-store-uri {uri}, then open {page}" if not uri.startswith("http") else f"open {page}"
     lines += [
         "",
         f"compare runs:  {ui}   (experiment '{cfg.mlflow.experiment or study.study_name}')",
-        f"retrain best:  {retrain_command(cfg, study.study_name)}",
+        *retrain_lines(cfg, study.study_name, _winner_pace(study, outcome, best)),
     ]
     print("\n".join(lines), flush=True)
     if message:

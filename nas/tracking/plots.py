@@ -32,6 +32,9 @@ from nas import trial_states
 from nas.objectives import ParetoObjective, StudyObjective
 
 NAMED_IMPORTANCES = 12  # the rest is grouped per stage
+# fANOVA fits a random forest of the objective on every choice (about 60 in a space of 15 blocks): over fewer
+# trained networks than this it ranks noise, so the chart is not drawn and a line says why.
+MIN_IMPORTANCE_NETWORKS = 20
 SIZE_IN, DPI = (10.0, 6.0), 100  # 1000 x 600 px
 
 
@@ -222,7 +225,7 @@ def _draw_importances(values: list[tuple[str, float]], path: Path, target: str) 
     bars = ax.barh(names, vals, color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], padding=3, fontsize=9)
     ax.set_xlim(0, max(vals) * 1.15 if vals else 1)
-    ax.set_xlabel(f"importance for {target} (fANOVA, trained networks only)")
+    ax.set_xlabel(f"importance for {target}")
     ax.set_title("what matters")
     ax.tick_params(axis="y", labelsize=10)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -232,7 +235,7 @@ def _draw_importances(values: list[tuple[str, float]], path: Path, target: str) 
 def importances_html(values: list[tuple[str, float]], path: Path, target: str) -> None:
     names, vals = [n for n, _ in values][::-1], [v for _, v in values][::-1]
     fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", text=[f"{v:.3f}" for v in vals], textposition="outside"))
-    fig.update_layout(title="what matters", xaxis_title=f"importance for {target} (fANOVA, trained networks only)",
+    fig.update_layout(title="what matters", xaxis_title=f"importance for {target}",
                       width=1000, height=600, margin={"l": 260})  # fmt: skip
     fig.write_html(str(path), include_plotlyjs="cdn")
 
@@ -265,9 +268,14 @@ def study_plots(study: optuna.Study, out: Path, goal: StudyObjective) -> list[Pa
         view = _scored_view(study, goal, searched_only=False)
         if view.trials:
             files += _history(view, out, target)
-        values = importances(study, goal)
-    if values:
+        searched = len(_scored_view(study, goal, searched_only=True).trials)
+        values = importances(study, goal) if searched >= MIN_IMPORTANCE_NETWORKS else []
+    if searched < MIN_IMPORTANCE_NETWORKS:
+        print(f"  what-matters chart not drawn: {searched} trained network(s) sampled by the search, fewer than the "
+              f"{MIN_IMPORTANCE_NETWORKS} its fANOVA importances need to mean anything", flush=True)  # fmt: skip
+    elif values:
         files += [out / "param_importances.png", out / "param_importances.html"]
-        importances_png(values, files[-2], target)
-        importances_html(values, files[-1], target)
+        basis = f"{target} (fANOVA over {searched} trained networks)"
+        importances_png(values, files[-2], basis)
+        importances_html(values, files[-1], basis)
     return files

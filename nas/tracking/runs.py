@@ -31,6 +31,18 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+def set_tracking_uri(uri: str) -> None:
+    """MLflow's fluent API pointed at ``uri``, leaving ``MLFLOW_TRACKING_URI`` as the user set it: MLflow's
+    setter also writes the variable, which ``mlflow.tracking_uri`` defaults to, so the next configuration
+    composed in this process (a test, a notebook) would silently record in this store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def connect(cfg: DictConfig) -> MlflowClient:
     """Point MLflow at ``cfg.tracking_uri``: make an embedded store's folder, fail fast when a server is down."""
     uri = str(cfg.tracking_uri)
@@ -44,7 +56,7 @@ def connect(cfg: DictConfig) -> MlflowClient:
         # MLflow prints a "View run ... at: <server URL>" link for every run it ends: hundreds of lines in a
         # search, and the server's password with them when the URL carries one.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    mlflow.set_tracking_uri(uri)
+    set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     if uri.startswith(("http://", "https://")):
         _check_allowed(client, uri)
@@ -66,16 +78,30 @@ def _check_allowed(client: MlflowClient, uri: str) -> None:
         raise NasError(f"MLflow tracking server {mask_url(uri)} refused the request ({reason}); {fix}") from None
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages (Overview, Traces) unless told it trains models: the
+# experiment's kind tag, and the workflowType its URL carries (the UI's sidebar switch, which wins where shown).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+UI_RUNS_PAGE = "#/experiments/{id}/runs?workflowType=machine_learning"
+
+
+def runs_page(ui_base: str, experiment: str) -> str:
+    """The experiment's table of runs in MLflow's UI at ``ui_base`` (http://127.0.0.1:5000 for ``mlflow ui``)."""
+    return f"{ui_base.rstrip('/')}/{UI_RUNS_PAGE.format(id=experiment)}"
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Get or create an experiment; tolerates another worker creating it at the same moment."""
+    """Get or create an experiment (tagged as one that trains models); tolerates another worker creating it at
+    the same moment."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(KIND_TAG) is None:  # made by an older version, or by hand
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     location = None
     if artifact_location:
         location = Path(artifact_location).resolve().as_uri() if "://" not in artifact_location else artifact_location
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:

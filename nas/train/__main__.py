@@ -5,11 +5,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import CONF_DIR, quiet_libraries, user_errors
+from nas.cli import CONF_DIR, launch, quiet_libraries, user_errors
 from nas.errors import NasError
 from nas.models import cost
 from nas.space import arch_from_text
 from nas.train.module import NonFiniteLossError
+from nas.train.progress import EpochLines, progress_bar
 from nas.train.run import check_train_cfg, divergence_error, load_training_data, make_datamodule, train_arch
 
 
@@ -29,8 +30,9 @@ def main(cfg: DictConfig) -> float:
         f"{len(dm.train_split.y)} train / {len(dm.val_split.y)} val images; {cfg.train.epochs} epochs",
         flush=True,
     )
+    lines = [] if progress_bar(cfg.train.progress_bar) else [EpochLines("  ")]
     try:
-        result = train_arch(cfg, arch, dm)
+        result = train_arch(cfg, arch, dm, callbacks=lines)
     except NonFiniteLossError as exc:
         raise divergence_error(exc, cfg) from None
     print(f"val_acc={result.val_acc:.4f} val_loss={result.val_loss:.4f} after {result.epochs} epochs")
@@ -43,4 +45,4 @@ def app(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    app()
+    launch(app, "config")

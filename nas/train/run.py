@@ -18,12 +18,13 @@ from nas.cli import CONF_DIR
 from nas.data import TensorImageDataModule
 from nas.data.datamodule import AUGMENTS
 from nas.data.folders import usable_cpus
-from nas.data.loading import ImageData, check_storage, load_data, memory_budget
+from nas.data.loading import ImageData, check_root, check_storage, load_data, memory_budget
 from nas.data.sources import DataError
 from nas.errors import NasError
 from nas.space import Arch
 from nas.train.graphed_step import GRAPH_OPTIMIZERS, ddp_refusal
 from nas.train.module import ClassifierModule, NonFiniteLossError
+from nas.train.progress import progress_bar
 
 
 def resolve_accelerator(choice: str) -> str:
@@ -126,6 +127,7 @@ def apply_hparams(cfg: DictConfig, values: Mapping[str, Any]) -> DictConfig:
 
 def check_data_cfg(data_cfg: DictConfig) -> None:
     """Data settings every run would fail on, refused before anything is decoded."""
+    check_root(data_cfg)
     augment = data_cfg.get("augment", "auto")
     if augment not in AUGMENTS:
         raise DataError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}")
@@ -230,7 +232,7 @@ def make_trainer(
         "logger": logger,
         "callbacks": list(callbacks),
         "enable_checkpointing": False,
-        "enable_progress_bar": bool(t.progress_bar),
+        "enable_progress_bar": progress_bar(t.progress_bar),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
         "deterministic": bool(t.deterministic),
