@@ -42,6 +42,8 @@ def quiet_libraries() -> None:
     # nas.retrain logs models as pickle on purpose (pt2 fixes the batch size); MLflow warns about that each time.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+    # MLflow reads type hints on predict as a schema; the serving model states its signature instead.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")

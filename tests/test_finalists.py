@@ -99,7 +99,7 @@ def test_a_search_ends_with_a_finalist_round_that_retrain_takes_its_winner_from(
     among = any(t.user_attrs.get("reference") for t in ranked[:2])
     who = ", mobilenet_v3_small among them" if among else ", and the reference(s) mobilenet_v3_small"
     assert f"finalist round: {n} networks (the 2 best trial(s){who}) x 2 seed(s) x 1 epochs: {2 * n} runs" in out
-    assert "finalists (2 seed(s) x 1 epochs; latency measured on" in out
+    assert "finalists (2 seed(s) x 1 epochs; latency measured in torch on" in out
     assert f"winner: {best['reference'] or 'trial ' + str(best['trial'])} (*)" in out
     assert "proxy fidelity: Kendall tau" in out
 

@@ -57,7 +57,7 @@ class _Sleeper(torch.nn.Module):
 
 def test_measurement_times_the_forward_pass_in_milliseconds(monkeypatch):
     clock = _FakeClock()
-    monkeypatch.setattr("nas.latency.measure.perf_counter", clock)
+    monkeypatch.setattr("nas.latency.runtime.perf_counter", clock)
     sleeper = _Sleeper(clock)
     settings = LatencySettings(device="cpu", threads=1, warmup=10, repeats=10, max_cv=1.0)  # spread on purpose
     stats = measure_module(sleeper, (1, 3, 4, 4), settings)
@@ -221,7 +221,7 @@ def test_cli_build_table_and_validate(tmp_path, tiny_space):
 def test_measuring_pins_cudnn_algorithm_choice_whatever_the_last_trial_set():
     """Review finding C2: cudnn.benchmark is process-global and each trainer sets it; a measurement must
     not inherit it, and a CUDA figure's key says what it was measured under."""
-    from nas.latency.measure import MEASURE_CUDNN_BENCHMARK, cuda_backend_fields
+    from nas.latency.runtime import MEASURE_CUDNN_BENCHMARK, cuda_backend_fields
 
     seen = []
 

@@ -376,11 +376,14 @@ def test_retrain_command_carries_data_recipe_and_non_default_stores():
 
 def test_the_same_retrain_command_gives_the_same_weights_and_another_seed_other_ones(in_tmp):
     """Seeded from ``seed`` on CPU: rerunning the command reproduces the network bit for bit."""
+
     def weights(*extra: str) -> dict[str, torch.Tensor]:
         cfg = compose_cfg(f"arch={TINY_ARCH}", *FAST, "retrain.export=false", "retrain.register=false", *extra,
                           config_name="retrain_app")  # fmt: skip
         run_id = retrain(cfg).run_id
-        return nas.load(f"runs:/{run_id}/bundle", tracking_uri=f"sqlite:///{in_tmp}/outputs/mlflow.db").model.state_dict()
+        return nas.load(
+            f"runs:/{run_id}/bundle", tracking_uri=f"sqlite:///{in_tmp}/outputs/mlflow.db"
+        ).model.state_dict()
 
     first, again, other = weights(), weights(), weights("seed=1")
     assert first.keys() == again.keys()

@@ -143,7 +143,6 @@ def test_epoch_counts_stay_exact_when_the_module_is_cast_to_bf16():
     assert 0.3 < float(result.module.trainer.callback_metrics["train_acc"]) <= 1.0
 
 
-
 class _NanOnRank1(ClassifierModule):
     """Rank 1 alone sees a non-finite loss at its first step (rank 0's stay finite); each rank that stops
     writes its message to ``folder``."""

@@ -93,7 +93,8 @@ def test_report_cli_redraws_the_latest_studys_plots(searched):
     assert proc.returncode == 0, proc.stderr[-2000:]
     note, *lines = proc.stdout.splitlines()  # two networks: too few for the importance chart, which says so
     assert note.startswith("  what-matters chart not drawn: 2 trained network(s) sampled by the search, fewer than")
-    assert re.fullmatch(r"(\d+) files in outputs/reports/tiny-digits/ and the study's MLflow run", lines[0])
+    where = r"\(latency in torch on .+\)"
+    assert re.fullmatch(rf"(\d+) files in outputs/reports/tiny-digits/ {where} and the study's MLflow run", lines[0])
     files = [Path(line.strip()) for line in lines[1:]]
     assert len(files) == int(lines[0].split()[0]) and "accuracy_vs_latency.html" in {f.name for f in files}
     assert all((folder / f if not f.is_absolute() else f).stat().st_size > 0 for f in files)

@@ -42,7 +42,8 @@ def _progress(done: int, total: int) -> None:
 def _build(cfg: DictConfig) -> None:
     space = require_space(cfg)
     table = LatencyTable(settings_from_cfg(cfg.latency), cfg.latency.table_dir)
-    print(f"latency table {table.path} for space {space.name} on {table.settings.device_name()}")
+    print(f"latency table {table.path} for space {space.name} in {table.settings.runtime.label()} on "
+          f"{table.settings.device_name()}")  # fmt: skip
     built = build_table(space, table, _num_classes(cfg), int(cfg.latency.calibrate), int(cfg.seed), _progress)
     cal = built.calibration
     print(
@@ -79,7 +80,8 @@ def _measure(cfg: DictConfig) -> None:
     c = cost(arch, _num_classes(cfg))
     print(
         f"{arch.encode()}\n  {stats.median_ms:.4f} ms median (p10 {stats.p10_ms:.4f}, p90 {stats.p90_ms:.4f}, "
-        f"CV {stats.cv * 100:.1f}%) on {settings.device_name()} [{settings.key_fields()}]; "
+        f"CV {stats.cv * 100:.1f}%) in {settings.runtime.label()} on {settings.device_name()} "
+        f"[{settings.key_fields()}]; "
         f"{c.params / 1e6:.2f} M params, {c.mflops:.1f} MFLOPs"
     )
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from nas.errors import NasError
 from nas.latency.measure import LatencySettings, measure_arch
+from nas.latency.runtime import Runtime, make_runtime
 from nas.latency.table import LatencyTable, LayerModel, build_table
 from nas.space import Arch, Space
 
@@ -21,10 +22,12 @@ class LatencyEstimator(Protocol):
     def latency_ms(self, arch: Arch) -> float: ...
 
 
-def settings_from_cfg(cfg: DictConfig) -> LatencySettings:
+def settings_from_cfg(cfg: DictConfig, runtime: Runtime | None = None) -> LatencySettings:
+    """``cfg`` is the ``latency`` node; ``runtime`` one already made from it (it loads a library)."""
+    runtime = runtime or make_runtime(cfg.get("runtime"))
     device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # the runtime's own kind of device where it has one
+        device = runtime.device() or ("cuda" if torch.cuda.is_available() else "cpu")
     return LatencySettings(
         device=device,
         batch_size=int(cfg.batch_size),
@@ -33,6 +36,7 @@ def settings_from_cfg(cfg: DictConfig) -> LatencySettings:
         warmup=int(cfg.warmup),
         repeats=int(cfg.repeats),
         max_cv=float(cfg.get("max_cv", 0.15)),
+        runtime=runtime,
     )
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from nas.channels import make_divisible
 from nas.errors import NasError
 from nas.latency.measure import LatencySettings, measure_arch, measure_module
+from nas.latency.runtime import RuntimeRefused
 from nas.models.blocks import ResolvedBlock, batch_norm
 from nas.models.builder import (
     head_out_channels,
@@ -196,6 +197,7 @@ class LatencyTable:
         self.path = Path(directory) / f"table-{table_id(settings)}.json"
         self.entries: dict[str, float] = {}
         self.calibrations: dict[str, Calibration] = {}
+        self.refused: dict[str, str] = {}  # layers the runtime cannot compile, with its reason
         self.measured = 0  # components measured by this object (0 when everything came from the cache)
         self._load()
 
@@ -206,6 +208,7 @@ class LatencyTable:
                 self.entries = {k: float(v) for k, v in blob["entries"].items()}
                 # A file of an older version holds one "calibration" of unknown space: not used (refitted).
                 self.calibrations = {k: Calibration(**v) for k, v in (blob.get("calibrations") or {}).items()}
+                self.refused = dict(blob.get("refused") or {})
 
     def save(self) -> None:
         """Merge with what is on disk (another worker may have added entries) and replace atomically."""
@@ -217,17 +220,23 @@ class LatencyTable:
             "settings": self.settings.key_fields(),
             "entries": dict(sorted(entries.items())),
             "calibrations": {k: asdict(c) for k, c in sorted(calibrations.items())},
+            "refused": dict(sorted({**on_disk.refused, **self.refused}.items())),
         }
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(blob, indent=1))
         tmp.replace(self.path)
 
     def ensure(self, components: Iterable[Component], progress: Callable[[int, int], None] | None = None) -> int:
-        """Measure every component not yet in the table; returns how many were measured."""
-        todo = list({c.key: c for c in components if c.key not in self.entries}.values())  # each layer once
+        """Measure every component not yet in the table; returns how many were measured. A layer the runtime
+        refuses is kept with its reason: the networks that contain it fail their trials with it."""
+        known = self.entries.keys() | self.refused.keys()
+        todo = list({c.key: c for c in components if c.key not in known}.values())  # each layer once
         for i, comp in enumerate(todo):
             shape = (self.settings.batch_size, *comp.input_shape)
-            self.entries[comp.key] = measure_module(comp.make(), shape, self.settings).median_ms
+            try:
+                self.entries[comp.key] = measure_module(comp.make(), shape, self.settings).median_ms
+            except RuntimeRefused as exc:
+                self.refused[comp.key] = str(exc)
             self.measured += 1
             if progress:
                 progress(i + 1, len(todo))
@@ -239,6 +248,7 @@ class LatencyTable:
         comps = arch_components(arch, num_classes)
         if any(c.key not in self.entries for c in comps):
             self.ensure(comps)
+        raise_if_refused(comps, self.refused)
         return sum(self.entries[c.key] for c in comps)
 
     def predict(self, arch: Arch, num_classes: int, calibration: Calibration | None = None) -> float:
@@ -262,9 +272,11 @@ class LayerModel:
     settings: dict[str, object]  # LatencySettings.key_fields() of the measurements
     entries: dict[str, float]
     calibration: Calibration | None
+    refused: dict[str, str] = field(default_factory=dict)
 
     def raw_sum(self, arch: Arch, num_classes: int) -> float:
         comps = arch_components(arch, num_classes)
+        raise_if_refused(comps, self.refused)
         missing = [c.key for c in comps if c.key not in self.entries]
         if missing:
             raise NasError(
@@ -279,13 +291,14 @@ class LayerModel:
 
     def record(self) -> dict[str, object]:
         cal = None if self.calibration is None else asdict(self.calibration)
-        return {"settings": self.settings, "calibration": cal, "entries": dict(sorted(self.entries.items()))}
+        entries = dict(sorted(self.entries.items()))
+        return {"settings": self.settings, "calibration": cal, "entries": entries, "refused": self.refused}
 
     @classmethod
     def from_record(cls, record: dict) -> LayerModel:
         cal = record.get("calibration")
         return cls(record["settings"], {k: float(v) for k, v in record["entries"].items()},
-                   None if cal is None else Calibration(**cal))  # fmt: skip
+                   None if cal is None else Calibration(**cal), dict(record.get("refused") or {}))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -314,10 +327,29 @@ def build_table(
         key = calibration_key(space, num_classes, calibrate)
         calibration = table.calibrations.get(key)
         if calibration is None:
-            rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
-            archs = [space.sample(rng) for _ in range(calibrate)]
+            archs = calibration_archs(space, table, num_classes, calibrate, seed)
             raw = [table.raw_sum(a, num_classes) for a in archs]
             real = [measure_arch(a, num_classes, table.settings).median_ms for a in archs]
             calibration = table.calibrate(key, raw, real)
-    entries = {c.key: table.entries[c.key] for c in components}
-    return TableBuild(measured, calibration, LayerModel(table.settings.key_fields(), entries, calibration))
+    entries = {c.key: table.entries[c.key] for c in components if c.key in table.entries}
+    refused = {c.key: table.refused[c.key] for c in components if c.key in table.refused}
+    return TableBuild(measured, calibration, LayerModel(table.settings.key_fields(), entries, calibration, refused))
+
+
+def calibration_archs(space: Space, table: LatencyTable, num_classes: int, count: int, seed: int) -> list[Arch]:
+    """``count`` networks of the space (seeded), none with a layer the runtime refuses."""
+    rng = np.random.default_rng(seed + CALIBRATION_SEED_OFFSET)
+    archs: list[Arch] = []
+    for _ in range(100 * count):
+        arch = space.sample(rng)
+        if not any(c.key in table.refused for c in arch_components(arch, num_classes)):
+            archs.append(arch)
+            if len(archs) == count:
+                return archs
+    raise NasError(f"the runtime refuses a layer of nearly every network of space {space.name}: {table.refused}")
+
+
+def raise_if_refused(components: list[Component], refused: dict[str, str]) -> None:
+    for c in components:
+        if c.key in refused:
+            raise RuntimeRefused(f"{refused[c.key]} (layer {c.key})")

@@ -24,8 +24,10 @@ def main(cfg: DictConfig) -> None:
     tracker = StudyTracker(connect(cfg.mlflow), cfg, name)
     tracker.join_parent(study)
     files = publish_plots(study, tracker, objective_of(study), keep_in=Path("outputs") / "reports" / name)
+    identity = study.user_attrs.get("identity", {})
+    where = f"in {identity.get('latency.runtime') or 'torch'} on {identity.get('latency_device')}"
     print(
-        f"{len(files)} files in outputs/reports/{name}/"
+        f"{len(files)} files in outputs/reports/{name}/ (latency {where})"
         + (" and the study's MLflow run" if tracker.parent_run_id else "")
     )
     for f in files:

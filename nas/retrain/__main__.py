@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     budget = "" if r.budget_ms is None else f" (budget {r.budget_ms:g} ms{': OVER' if r.over_budget else ''})"
     if r.unjudged:
         budget = f" (budget {r.budget_ms:g} ms: not judged)"
-    latency = f"latency {r.latency_ms:.4f} ms{budget}"
+    latency = f"latency {r.latency_ms:.4f} ms in {r.latency_of}{budget}"
     print(f"  source: {source}; test_acc {r.test_acc:.4f}; {latency}; MLflow run {r.run_id}")
     if r.model_name and r.alias_moved:
         print(f"  registered models:/{r.model_name}/{r.model_version} (alias @{cfg.retrain.alias})")

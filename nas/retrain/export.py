@@ -17,6 +17,7 @@ from torch import nn
 
 from nas.errors import NasError
 from nas.image_resize import RESIZE
+from nas.onnx_export import export_onnx_file
 from nas.space import Arch
 
 
@@ -54,9 +55,7 @@ def export_onnx(model: nn.Module, resolution: int, path: Path) -> float:
     import onnxruntime as ort
 
     model = model.eval().cpu()
-    example = torch.randn(2, 3, resolution, resolution)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(model, (example,), str(path), dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    export_onnx_file(model, (2, 3, resolution, resolution), path, "dynamo")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for n in (1, 5):

@@ -18,8 +18,10 @@ from nas.data.loading import ImageData
 from nas.errors import NasError
 from nas.interrupts import Interrupted
 from nas.latency.estimator import settings_from_cfg
-from nas.latency.measure import LatencySettings, cpu_name, measure_arch
+from nas.latency.measure import MODES, LatencySettings, cpu_name, measure_arch, measure_file
+from nas.latency.runtime import make_runtime
 from nas.models import cost
+from nas.onnx_export import export_onnx_file
 from nas.retrain.export import Preprocess, export_onnx, export_program, write_bundle
 from nas.retrain.select import Selection, from_run, from_study, get_trial_run
 from nas.retrain.serving import log_serving_model
@@ -56,6 +58,7 @@ class RetrainResult:
     budget_ms: float | None = None
     alias_moved: bool = False
     unjudged: str | None = None  # why the budget could not be judged on this machine (None: it was)
+    latency_of: str = "torch"  # what was timed, in which runtime (the nas.latency_of tag)
 
     @property
     def over_budget(self) -> bool:
@@ -89,7 +92,9 @@ def target_latency(cfg: DictConfig, sel: Selection) -> TargetLatency:
     the CPU), at its batch size, mode and threads, against its budget. When this machine has no device of the
     study's name, the figure is still measured and logged, but not compared with the budget. Without a study,
     the command's own ``latency.*``."""
-    base, ident = settings_from_cfg(cfg.latency), sel.identity
+    ident = sel.identity
+    stored_runtime = ident.get("latency.runtime_config")  # the study's runtime, whatever today's config says
+    base = settings_from_cfg(cfg.latency, make_runtime(stored_runtime) if stored_runtime else None)
     if not ident:
         return TargetLatency(base, cfg.latency.budget_ms)
     kind = _device_kind(ident)
@@ -98,7 +103,7 @@ def target_latency(cfg: DictConfig, sel: Selection) -> TargetLatency:
         base,
         device=device,
         batch_size=int(ident.get("latency_batch") or base.batch_size),
-        mode=str(ident.get("latency.mode") or base.mode),
+        mode=str(ident["latency.mode"]) if ident.get("latency.mode") in MODES else base.mode,  # another runtime: n/a
         threads=int(ident.get("latency.threads") or base.threads),
     )
     budget, wanted, here = ident.get("budget_ms"), ident.get("latency_device"), settings.device_name()
@@ -253,22 +258,25 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
             params = {"arch": arch.encode(), "train.epochs": run_cfg.train.epochs, "train_on_val": train_on_val}
             mlflow.log_params(params | sel.hparams | {"train.devices": devices * int(cfg.train.get("num_nodes", 1))})
             model, test_acc = _fit(run_cfg, arch, dm, EpochMetricsToMlflow(client, run_id), train_on_val)
-            target = target_latency(cfg, sel)
-            latency = measure_arch(arch, dm.num_classes, target.settings).median_ms
-            mlflow.log_params({f"latency.{k}": v for k, v in target.settings.key_fields().items()})
-            c = cost(arch, dm.num_classes)
-            mlflow.log_metrics({"test_acc": test_acc, "latency_ms": latency, "params": c.params, "flops": c.flops})
-            result = RetrainResult(run_id, test_acc, latency, None, None, sel, target.budget_ms, False, target.unjudged)
-            if target.budget_ms is not None:
-                mlflow.log_metric("budget_ms", target.budget_ms)
-                mlflow.set_tag("nas.budget", _budget_verdict(result))
-            name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
-            pre = _preprocess(cfg, dm, arch.resolution, splits.image_shape[0])
-            judged_within = target.unjudged is None and not result.over_budget
-            move_alias = judged_within or bool(cfg.retrain.allow_over_budget)
-            result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias)
-            result.model_name = name if result.model_version else None
-            result.alias_moved = bool(result.model_version) and move_alias
+            with tempfile.TemporaryDirectory() as tmp:
+                exports = _export(model, arch, Path(tmp) / "export") if cfg.retrain.export else None
+                target = target_latency(cfg, sel)
+                latency, timed = _measure(target.settings, model, arch, dm.num_classes, exports)
+                c = cost(arch, dm.num_classes)
+                mlflow.log_metrics({"test_acc": test_acc, "latency_ms": latency, "params": c.params, "flops": c.flops})
+                result = RetrainResult(
+                    run_id, test_acc, latency, None, None, sel, target.budget_ms, False, target.unjudged, timed
+                )
+                if target.budget_ms is not None:
+                    mlflow.log_metric("budget_ms", target.budget_ms)
+                    mlflow.set_tag("nas.budget", _budget_verdict(result))
+                name = cfg.retrain.model_name or f"nas-{space or 'arch'}-{cfg.data.name}"
+                pre = _preprocess(cfg, dm, arch.resolution, splits.image_shape[0])
+                judged_within = target.unjudged is None and not result.over_budget
+                move_alias = judged_within or bool(cfg.retrain.allow_over_budget)
+                result.model_version = _publish(cfg, client, run_id, model, arch, pre, name, move_alias, exports)
+                result.model_name = name if result.model_version else None
+                result.alias_moved = bool(result.model_version) and move_alias
         client.set_terminated(run_id, "FINISHED")
     except Interrupted:
         client.set_terminated(run_id, "KILLED")
@@ -277,6 +285,34 @@ def retrain(cfg: DictConfig) -> RetrainResult | None:
         client.set_terminated(run_id, "FAILED")
         raise
     return result
+
+
+def _export(model: torch.nn.Module, arch: Arch, exports: Path) -> Path:
+    """The files users deploy: ONNX (checked against PyTorch in ONNX Runtime) and torch.export."""
+    exports.mkdir(parents=True)
+    mlflow.log_metric("onnx_max_abs_diff", export_onnx(model, arch.resolution, exports / "model.onnx"))
+    export_program(model, arch.resolution, exports / "model.pt2")
+    (exports / "arch.txt").write_text(arch.encode() + "\n")
+    return exports
+
+
+def _measure(
+    settings: LatencySettings, model: torch.nn.Module, arch: Arch, num_classes: int, exports: Path | None
+) -> tuple[float, str]:
+    """The retrained network's latency as the study judged its trials. In a runtime that executes ONNX files it
+    is the registered ``export/model.onnx`` that is timed (exported for this when ``retrain.export=false``):
+    the figure reported is the file's that ships."""
+    mlflow.log_params({f"latency.{k}": v for k, v in settings.key_fields().items()})
+    if settings.is_torch:
+        timed = f"{settings.runtime.label()} (the PyTorch network)"
+        mlflow.set_tag("nas.latency_of", timed)
+        return measure_arch(arch, num_classes, settings).median_ms, timed
+    shape = (settings.batch_size, 3, arch.resolution, arch.resolution)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = exports / "model.onnx" if exports else export_onnx_file(model, shape, Path(tmp) / "model.onnx")
+        timed = f"{settings.runtime.label()} ({'export/model.onnx' if exports else 'the network exported to ONNX'})"
+        mlflow.set_tag("nas.latency_of", timed)
+        return measure_file(path, shape, settings).median_ms, timed
 
 
 def _budget_verdict(result: RetrainResult) -> str:
@@ -295,6 +331,7 @@ def _publish(
     pre: Preprocess,
     name: str,
     move_alias: bool,
+    exports: Path | None,
 ) -> str | None:
     """Bundle + exports as artifacts; the model logged as MLflow's python_function of raw images (its
     preprocessing included: what ``mlflow models serve`` runs), registered, and given the alias unless it
@@ -302,14 +339,8 @@ def _publish(
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", model, arch, pre)
         mlflow.log_artifacts(str(bundle), "bundle")
-        if cfg.retrain.export:
-            exports = Path(tmp) / "export"
-            exports.mkdir()
-            err = export_onnx(model, arch.resolution, exports / "model.onnx")
-            export_program(model, arch.resolution, exports / "model.pt2")
-            (exports / "arch.txt").write_text(arch.encode() + "\n")
+        if exports is not None:
             mlflow.log_artifacts(str(exports), "export")
-            mlflow.log_metric("onnx_max_abs_diff", err)
         info = log_serving_model(bundle, arch.resolution, pre.channels, name if cfg.retrain.register else None)
     if not cfg.retrain.register:
         return None

@@ -176,8 +176,8 @@ def _versus(f: Finalist, references: Sequence[Finalist]) -> str:
 def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
     """The finalist table, the winner, and how well the short search runs ranked the networks."""
     s, lat = outcome.settings, outcome.latency
-    where = f"{lat.device_name()}, batch {lat.batch_size}"
-    lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs; latency measured on {where}):"]
+    where = f"{lat.runtime.label()} on {lat.device_name()}, batch {lat.batch_size}"
+    lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs; latency measured in {where}):"]
     lines.append(
         f"{'trial':>5}  {'search_acc':>10}  {'final_acc (mean ± sd)':>21}  "
         f"{'latency ms: predicted -> measured (p10-p90)':<44}  {'params':>6}  vs references"

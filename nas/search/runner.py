@@ -18,6 +18,7 @@ from nas.data.folders import ImageFiles
 from nas.errors import NasError
 from nas.interrupts import EXIT_CODES, Interrupted, signals_interrupt
 from nas.latency.estimator import TableLatency, make_estimator
+from nas.latency.runtime import make_runtime, runtime_config
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
@@ -68,13 +69,15 @@ def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any, goal: StudyO
     if latency > budget:
         raise NasError(
             f"latency.budget_ms={budget} cannot be met: the cheapest network of space {space.name} takes "
-            f"{latency:.4f} ms on {estimator.settings.device_name()} (batch {estimator.settings.batch_size}). "
+            f"{latency:.4f} ms in {estimator.settings.runtime.label()} on {estimator.settings.device_name()} "
+            f"(batch {estimator.settings.batch_size}). "
             f"Raise latency.budget_ms above {latency:.4f}, or use a smaller space"
         )
 
 
 def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
     params = flatten_config(cfg)
+    params["latency.runtime.identity"] = str(make_runtime(cfg.latency.get("runtime")).identity())  # version too
     params["study.storage"] = mask_url(str(cfg.study.storage))
     params["mlflow.tracking_uri"] = mask_url(str(cfg.mlflow.tracking_uri))
     params["space.file"] = str(space.path)
@@ -190,7 +193,9 @@ def open_session(cfg: DictConfig) -> Session:
     stored = stored_latency_table(storage, name)  # a resumed study predicts with its own table
     estimator = make_estimator(cfg.latency, num_classes, space, int(cfg.seed), stored)
     _precheck_budget(cfg, space, estimator, goal)
-    latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator)}
+    runtime = estimator.settings.runtime
+    latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator), "runtime": runtime.label(),
+               "runtime_config": runtime_config(cfg.latency.get("runtime"))}  # fmt: skip
     identity = study_identity(cfg, space, goal, latency, data, hparams)
     study, created = open_study(cfg, name, identity, storage, goal)
     if isinstance(estimator, TableLatency) and LATENCY_ATTR not in study.user_attrs and not worker:
@@ -213,7 +218,8 @@ def run_search(cfg: DictConfig) -> SearchResult:
     print(
         f"{who}study {study.study_name} ({'new' if s.created else 'resumed'}, {trial_states.count_trained(study)}/"
         f"{s.target} networks trained) on {mask_url(str(cfg.study.storage))}; space {o.space.name}; data "
-        f"{cfg.data.name}; objective {s.goal.describe()}; latency on {o.estimator.settings.device_name()}; MLflow "
+        f"{cfg.data.name}; objective {s.goal.describe()}; latency in {o.estimator.settings.runtime.label()} on "
+        f"{o.estimator.settings.device_name()}; MLflow "
         f"{mask_url(str(cfg.mlflow.tracking_uri))}",
         flush=True,
     )

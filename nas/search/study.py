@@ -164,6 +164,8 @@ def study_identity(
         "latency.mode": latency.get("mode"),
         "latency.threads": latency.get("threads"),
         "latency.estimator": latency.get("estimator"),
+        "latency.runtime": latency.get("runtime"),  # by name: resuming in another runtime is refused
+        "latency.runtime_config": latency.get("runtime_config"),  # what nas.retrain measures the winner in
         # The calibration's network count: its fit is kept with the study (nas.studies.LATENCY_ATTR).
         "latency.calibrate": int(cfg.latency.calibrate) if latency.get("estimator") == "table" else None,
         "data": cfg.data.name,

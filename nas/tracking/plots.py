@@ -75,10 +75,11 @@ def front_of(points: list[Point]) -> list[Point]:
 def chart_data(study: optuna.Study, goal: StudyObjective) -> ChartData:
     identity = study.user_attrs.get("identity", {})
     device, batch = identity.get("latency_device"), identity.get("latency_batch")
+    runtime = f", {identity['latency.runtime']}" if identity.get("latency.runtime") else ""
     data = ChartData(
         budget_ms=goal.budget_ms,
         budget_label="budget" if goal.hard_budget else "target",
-        x_label="latency (ms" + (f", batch {batch} on {device}" if device else "") + ")",
+        x_label="latency (ms" + (f", batch {batch}{runtime} on {device}" if device else "") + ")",
     )
     for t in trial_states.trained(study):
         if "latency_ms" not in t.user_attrs:
