@@ -210,7 +210,8 @@ def test_cli_build_table_and_validate(tmp_path, tiny_space):
     arch = arch_from_text("reference:mobilenet_v3_small", 32)
     head, stats = one.stdout.splitlines()[:2]
     assert head == arch.encode()
-    m = re.match(r"  (\S+) ms median \(p10 (\S+), p90 (\S+), CV (\S+)%\) on .*; (\S+) M params, (\S+) MFLOPs$", stats)
+    figures = r"  (\S+) ms median \(p10 (\S+), p90 (\S+), CV (\S+)%\) in torch on .*; (\S+) M params, (\S+) MFLOPs$"
+    m = re.match(figures, stats)
     assert m is not None, stats
     assert 0 < float(m[2]) <= float(m[1]) <= float(m[3])
     assert (m[5], m[6]) == (f"{cost(arch, 10).params / 1e6:.2f}", f"{cost(arch, 10).mflops:.1f}")

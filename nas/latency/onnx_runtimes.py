@@ -200,7 +200,10 @@ class OpenVinoRuntime(ExportedRuntime):
         except Exception as exc:
             raise RuntimeRefused(f"OpenVINO cannot compile the network: {_first_line(exc)}") from None
 
+        core = self._core  # OpenVINO unloads its plugin with the last Core: a request must never outlive it
+
         def take() -> list[float]:
+            assert core is not None and compiled is not None  # held as long as the request is
             return host_samples(lambda: request.infer({0: x}), settings)
 
         return take
