@@ -48,7 +48,7 @@ def export_onnx_file(model: nn.Module, input_shape: tuple[int, ...], path: Path,
     model = model.eval().cpu()
     example = torch.randn(max(2, input_shape[0]), *input_shape[1:])  # batch 1 would be specialised away
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             torch.onnx.export(model, (example,), str(path), dynamic_shapes=({0: batch},), dynamo=True,
