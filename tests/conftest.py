@@ -122,14 +122,30 @@ def mlflow_api(base: str, path: str, body: dict | None = None) -> dict:
 AUTH_PASSWORD = "Adm1n-s3cret-pw"  # the admin of test servers started with auth=True
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen) -> None:
+    """Until ``url`` answers; fails when the server exits first or after HANG_S."""
+    deadline = time.time() + HANG_S
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, f"{url}: the server did not start"
+            time.sleep(1)
+
+
 @contextlib.contextmanager
 def mlflow_server(cwd: Path, auth: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
     """``mlflow ui`` on the folder's outputs/mlflow.db, on a free loopback port; yields (process, base URL).
 
     ``auth=True``: MLflow's basic-auth app, admin user ``admin`` with password ``AUTH_PASSWORD``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///outputs/mlflow.db",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     (cwd / "outputs").mkdir(exist_ok=True)
@@ -146,15 +162,7 @@ def mlflow_server(cwd: Path, auth: bool = False) -> Iterator[tuple[subprocess.Po
     server = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + HANG_S
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=5).read()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+        wait_until_up(f"{base}/health", server)
         yield server, base
     finally:
         server.terminate()

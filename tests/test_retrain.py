@@ -25,7 +25,16 @@ from nas.search.console import retrain_command
 from nas.search.runner import run_search
 from nas.space import decode
 from nas.train.run import load_training_data, make_datamodule
-from tests.conftest import FAST, HANG_S, TINY_ARCH, compose_cfg, subprocess_env, write_image_folder
+from tests.conftest import (
+    FAST,
+    HANG_S,
+    TINY_ARCH,
+    compose_cfg,
+    free_port,
+    subprocess_env,
+    wait_until_up,
+    write_image_folder,
+)
 
 A = [TINY_ARCH.replace("w0.5", w) for w in ("w0.25", "w0.5", "w1", "w2")]
 
@@ -463,8 +472,6 @@ def test_the_registered_model_serves_raw_images_through_mlflow(in_tmp, monkeypat
     import base64
     import io
     import json
-    import socket
-    import time
     import urllib.request
 
     import mlflow
@@ -495,22 +502,13 @@ def test_the_registered_model_serves_raw_images_through_mlflow(in_tmp, monkeypat
     np.testing.assert_allclose(np.stack(served["probabilities"]), local.predict_proba(arrays), atol=1e-6)
     assert list(served["class_index"]) == [local.classes.index(c) for c in served["class"]]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = subprocess_env() | {"MLFLOW_TRACKING_URI": uri}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.time() + HANG_S
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow models serve did not start"
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(f).decode()] for f in files]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})  # fmt: skip
