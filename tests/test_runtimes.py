@@ -3,7 +3,11 @@ table, search and retrain paths as PyTorch; the refusals; a network a runtime ca
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from nas.cli import check_overrides
 from nas.errors import NasError
 from nas.latency.estimator import settings_from_cfg
-from nas.latency.measure import LatencySettings, measure_arch, measure_file
+from nas.latency.measure import LatencySettings, measure_arch, measure_file, measure_module
+from nas.latency.measuring_process import serve
 from nas.latency.onnx_runtimes import OnnxRuntime, OpenVinoRuntime
 from nas.latency.runtime import RuntimeRefused, TorchRuntime, make_runtime
 from nas.latency.table import LatencyTable, arch_components, build_table, table_id
@@ -91,6 +96,29 @@ def test_the_runtimes_run_the_exported_network_itself(tmp_path):
         assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"Conv", "HardSigmoid"}  # the SE gate
         for runtime in (OnnxRuntime(), OpenVinoRuntime()):
             assert measure_file(path, (1, 3, 16, 16), LatencySettings(runtime=runtime, **QUICK)).median_ms > 0
+
+
+def test_a_runtime_measures_in_a_process_of_its_own_where_a_crash_fails_one_measurement_only():
+    runtime = OpenVinoRuntime()
+    settings = LatencySettings(runtime=runtime, **QUICK)
+    model = build(decode(TINY_ARCH), 10).eval()
+    take = runtime.prepare(model, (1, 3, 16, 16), settings)
+    assert len(take()) == 5
+    assert "openvino" not in sys.modules  # training never shares a process with the runtime's libraries
+    pid = runtime._process.pid
+    os.kill(pid, signal.SIGSEGV)  # as a runtime that crashes on a network
+    with pytest.raises(RuntimeRefused, match=r"^the openvino measuring process died \(signal SIGSEGV"):
+        take()
+    assert measure_module(model, (1, 3, 16, 16), settings).median_ms > 0  # the next network: a fresh process
+    assert runtime._process.pid not in (None, pid)
+
+
+def test_the_measuring_process_answers_bad_requests_and_goes_on():
+    answers = io.StringIO()
+    serve(io.StringIO('not json\n{"op": "take", "handle": 7}\n{"op": "fly"}\n{"op": "close", "handle": 7}\n'), answers)
+    lines = [json.loads(line) for line in answers.getvalue().splitlines()]
+    assert ["error" in a for a in lines] == [True, True, True, False]
+    assert lines[0]["error"].startswith("JSONDecodeError") and lines[1]["error"] == "no open network 7"
 
 
 def test_runtimes_are_chosen_by_group_or_by_name_and_bad_choices_are_one_line():

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from nas.errors import NasError
+from nas.latency.sessions import timed_calls
 
 if TYPE_CHECKING:
     from nas.latency.measure import LatencySettings
@@ -67,14 +67,7 @@ class FileRuntime(Runtime, Protocol):
 
 def host_samples(run: Callable[[], object], settings: LatencySettings) -> list[float]:
     """Warm-up, then ``repeats`` calls timed on the host clock (CPU runtimes run synchronously)."""
-    for _ in range(settings.warmup):
-        run()
-    samples = []
-    for _ in range(settings.repeats):
-        t0 = perf_counter()
-        run()
-        samples.append((perf_counter() - t0) * 1e3)
-    return samples
+    return timed_calls(run, settings.warmup, settings.repeats)
 
 
 @contextlib.contextmanager
