@@ -71,14 +71,18 @@ def load_search_study(cfg: DictConfig, storage: Any) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+# Where the study's data and latency device are reached, not what they are (their fingerprint and the device's
+# identity are compared): a study resumes after the files moved or the agent's tunnel changed port.
+ADDRESSES = ("data.root", "latency.target")
+
+
 def identity_diffs(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for every setting of ``current`` that changed. Keys a study was created without
-    (an older version of nas) are not held against it; the data's root alone may change (the same files
-    moved)."""
+    (an older version of nas) are not held against it, nor are the ADDRESSES."""
     diffs = [
         f"{k}: {stored[k]!r} -> {v!r}"
         for k, v in current.items()
-        if k in stored and stored[k] != v and k != "data.root"
+        if k in stored and stored[k] != v and k not in ADDRESSES
     ]
     if any(d.startswith("data.fingerprint") for d in diffs) and stored.get("data.root") != current.get("data.root"):
         diffs.insert(0, f"data.root: {stored.get('data.root')!r} -> {current.get('data.root')!r}")

@@ -12,12 +12,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from nas.latency.estimator import MeasuredLatency, TableLatency
+from nas.errors import NasError
+from nas.latency.estimator import MeasuredLatency, TableLatency, verify_band
+from nas.latency.fidelity import report_path
 from nas.latency.measure import LatencySettings, measure_arch, measure_module
 from nas.latency.table import Calibration, LatencyTable, LayerModel, arch_components, space_components, table_id
 from nas.models import cost
 from nas.space import arch_from_text, decode, load_space, reference
-from tests.conftest import HANG_S, TINY_ARCH, subprocess_env
+from tests.conftest import HANG_S, TINY_ARCH, compose_cfg, subprocess_env
 
 FAST = LatencySettings(device="cpu", batch_size=1, threads=1, warmup=3, repeats=10)
 
@@ -57,7 +59,7 @@ class _Sleeper(torch.nn.Module):
 
 def test_measurement_times_the_forward_pass_in_milliseconds(monkeypatch):
     clock = _FakeClock()
-    monkeypatch.setattr("nas.latency.runtime.perf_counter", clock)
+    monkeypatch.setattr("nas.latency.sessions.perf_counter", clock)  # the one timing loop
     sleeper = _Sleeper(clock)
     settings = LatencySettings(device="cpu", threads=1, warmup=10, repeats=10, max_cv=1.0)  # spread on purpose
     stats = measure_module(sleeper, (1, 3, 4, 4), settings)
@@ -67,6 +69,41 @@ def test_measurement_times_the_forward_pass_in_milliseconds(monkeypatch):
     assert stats.median_ms == pytest.approx(5.5)
     assert stats.p90_ms == pytest.approx(9.0)
     assert stats.cv == pytest.approx(np.std(np.arange(1, 11)) / 5.5)  # population sd / mean = 0.522
+
+
+def test_a_table_file_travels_and_is_refused_for_other_settings(tmp_path, tiny_space):
+    """latency.table=PATH: one file, built once (on or through the target), used as it is by a search anywhere
+    with the same settings; with others it is refused naming what differs, and never measured over."""
+    comps = space_components(load_space(tiny_space), 10)[:3]
+    path = tmp_path / "travels" / "mine.json"
+    table = LatencyTable.at(path, FAST)
+    assert table.ensure(comps) == 3 and json.loads(path.read_text())["settings"] == FAST.key_fields()
+    again = LatencyTable.at(path, FAST)
+    assert again.ensure(comps) == 0 and again.entries == table.entries  # nothing measured twice
+    before = path.read_text()
+    other = LatencySettings(device="cpu", batch_size=2, threads=2, warmup=3, repeats=10)
+    with pytest.raises(NasError, match=r"latency.table=\S+mine.json was built with other latency settings "
+                                       r"\(batch_size: 1 -> 2; threads: 1 -> 2\)"):  # fmt: skip
+        LatencyTable.at(path, other)
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(NasError, match=r"bad.json is not a latency table"):
+        LatencyTable.at(tmp_path / "bad.json", FAST)
+    assert path.read_text() == before
+
+
+def test_verify_band_auto_is_the_last_validate_reports_90th_percentile_error(tmp_path, tiny_space):
+    cfg = compose_cfg("latency.estimator=table", f"latency.table_dir={tmp_path}").latency
+    table, space = LatencyTable(FAST, tmp_path), load_space(tiny_space)
+    band, source = verify_band(cfg, table, space)
+    assert band == 0 and source.startswith("off: this table has no validate report")
+    errors = [0.01 * i for i in range(1, 11)]
+    path = report_path(tmp_path, space.name, table)
+    path.write_text(json.dumps({"networks": [{"measured_ms": 2.0, "predicted_ms": 2.0 * (1 - e)} for e in errors]}))
+    band, source = verify_band(cfg, table, space)
+    assert band == pytest.approx(np.quantile(errors, 0.9)) and str(path) in source
+    assert verify_band(compose_cfg("latency.verify_band=0.05").latency, table, space) == (0.05, "latency.verify_band")
+    with pytest.raises(NasError, match=r"latency.verify_band=2 must be auto or a fraction of the budget"):
+        verify_band(compose_cfg("latency.verify_band=2").latency, table, space)
 
 
 def test_bigger_network_measures_slower():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -14,6 +15,7 @@ from nas.errors import NasError
 from nas.latency.estimator import make_estimator
 from nas.search.runner import EXIT_NO_FEASIBLE, run_search
 from nas.search.study import make_sampler
+from nas.search.summary import verified_counts
 from nas.space import load_space
 from nas.urls import mask_url
 from tests.conftest import FAST, compose_cfg
@@ -169,6 +171,32 @@ def test_trials_counts_trained_networks_and_draws_over_budget_are_told_to_the_sa
     # Resuming for more trains exactly that many more networks.
     more = run_search(cfg_for(tiny_space, "trials=5", f"latency.budget_ms={budget}", *table))
     assert sum(t.user_attrs["state"] == "complete" for t in more.study.trials) == 5
+
+
+def test_draws_near_the_budget_are_measured_before_they_are_judged(in_tmp, tiny_space, capsys):
+    """latency.verify_band: a draw whose table prediction lies within the band of the budget is measured and
+    judged by the measurement; each records both figures, and the summary says how many decisions changed."""
+    table = ("latency.estimator=table", "latency.calibrate=2", "search/sampler=random")
+    space = load_space(tiny_space)
+    estimator = make_estimator(cfg_for(tiny_space, *table).latency, 10, space, 0)
+    budget = float(np.median([estimator.latency_ms(space.sample(seed)) for seed in range(40)]))
+    result = run_search(cfg_for(tiny_space, "trials=2", f"latency.budget_ms={budget}", "latency.verify_band=0.3",
+                                *table))  # fmt: skip
+    assert result.exit_code == 0
+    for t in result.study.trials:
+        ua = t.user_attrs
+        predicted, near = ua["latency_predicted_ms"], abs(ua["latency_predicted_ms"] - budget) <= 0.3 * budget
+        assert ("latency_measured_ms" in ua) == near
+        assert ua["latency_ms"] == (ua["latency_measured_ms"] if near else predicted)
+        flipped = near and (predicted <= budget) != (ua["latency_measured_ms"] <= budget)
+        assert ua.get("budget_decision_changed", False) == flipped
+        assert (ua["state"] == "infeasible") == (ua["latency_ms"] > budget)  # judged by the figure it records
+    judged, measured, changed = verified_counts(result.study)
+    assert judged == len(result.study.trials) and measured >= 1
+    out = capsys.readouterr().out
+    assert "draws predicted within ±30.0% of the budget are measured in torch before they are judged" in out
+    assert f"latency near the budget: {measured} of {judged} draws measured on the target" in out
+    assert f"the measurement changed {changed} budget decisions" in out
 
 
 def test_pareto_objective_produces_a_front(in_tmp, tiny_space, capsys):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Protocol
 
 import torch
 from omegaconf import DictConfig
 
 from nas.errors import NasError
+from nas.latency.fidelity import error_band, report_path
 from nas.latency.measure import LatencySettings, measure_arch
 from nas.latency.runtime import Runtime, make_runtime
 from nas.latency.table import LatencyTable, LayerModel, build_table
 from nas.space import Arch, Space
 
 ESTIMATORS = ("measure", "table")
+# What a trial records when its prediction was close enough to the budget to be measured (latency.verify_band).
+PREDICTED_ATTR, MEASURED_ATTR, CHANGED_ATTR = "latency_predicted_ms", "latency_measured_ms", "budget_decision_changed"
 
 
 class LatencyEstimator(Protocol):
@@ -24,7 +28,7 @@ class LatencyEstimator(Protocol):
 
 def settings_from_cfg(cfg: DictConfig, runtime: Runtime | None = None) -> LatencySettings:
     """``cfg`` is the ``latency`` node; ``runtime`` one already made from it (it loads a library)."""
-    runtime = runtime or make_runtime(cfg.get("runtime"))
+    runtime = runtime or make_runtime(cfg.get("runtime"), cfg.get("target"))
     device = cfg.device
     if device == "auto":  # the runtime's own kind of device where it has one
         device = runtime.device() or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,6 +47,8 @@ def settings_from_cfg(cfg: DictConfig, runtime: Runtime | None = None) -> Latenc
 class MeasuredLatency:
     """Builds and times the whole network on the target: exact, but costs a measurement per trial."""
 
+    details: dict[str, object] = {}  # noqa: RUF012 -- read only: what the last figure was made of
+
     def __init__(self, settings: LatencySettings, num_classes: int) -> None:
         self.settings = settings
         self.num_classes = num_classes
@@ -54,6 +60,8 @@ class MeasuredLatency:
 class TableLatency:
     """Looks the network up in the per-layer table: microseconds, and safe beside training processes."""
 
+    details: dict[str, object] = {}  # noqa: RUF012 -- read only: what the last figure was made of
+
     def __init__(self, model: LayerModel, settings: LatencySettings, num_classes: int) -> None:
         self.model = model
         self.settings = settings
@@ -61,6 +69,59 @@ class TableLatency:
 
     def latency_ms(self, arch: Arch) -> float:
         return self.model.predict(arch, self.num_classes)
+
+
+class VerifiedLatency:
+    """The table's prediction, measured on the target when it lies within ``band`` (a fraction) of the
+    budget: the draws whose verdict the table's error could flip are judged by a measurement, the rest by the
+    table (budget decisions as good as measuring every draw, for a fraction of the measurements).
+    ``details`` says what the last figure was made of, for the trial to record."""
+
+    def __init__(self, table: TableLatency, budget_ms: float, band: float, source: str) -> None:
+        self.table, self.budget_ms, self.band, self.source = table, budget_ms, band, source
+        self.settings, self.model = table.settings, table.model
+        self.measured = MeasuredLatency(table.settings, table.num_classes)
+        self.details: dict[str, object] = {}
+
+    def latency_ms(self, arch: Arch) -> float:
+        predicted = self.table.latency_ms(arch)
+        self.details = {PREDICTED_ATTR: predicted}
+        if self.band <= 0 or abs(predicted - self.budget_ms) > self.band * self.budget_ms:
+            return predicted
+        measured = self.measured.latency_ms(arch)
+        self.details[MEASURED_ATTR] = measured
+        if (predicted <= self.budget_ms) != (measured <= self.budget_ms):
+            self.details[CHANGED_ATTR] = True
+        return measured
+
+    def describe(self) -> str:
+        if self.band <= 0:
+            return f"latency.verify_band {self.source}"
+        return (f"draws predicted within ±{self.band:.1%} of the budget are measured in "
+                f"{self.settings.runtime.label()} before they are judged (band: {self.source})")  # fmt: skip
+
+
+def verify_band(cfg: DictConfig, table: LatencyTable, space: Space) -> tuple[float, str]:
+    """``latency.verify_band``: a fraction of the budget, 0 (off), or ``auto``: the band the last ``validate``
+    of this table measured (its 90th-percentile error), off when it was never validated. With where it came
+    from, for the start line."""
+    value = cfg.get("verify_band", "auto")
+    if value == "auto":
+        path = report_path(cfg.table_dir, space.name, table)
+        if not path.is_file():
+            return 0.0, f"off: this table has no validate report ({path}; python -m nas.latency validate)"
+        return error_band(json.loads(path.read_text())), f"the 90th-percentile error in {path}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise NasError(f"latency.verify_band={value!r} must be auto or a fraction of the budget in [0, 1)")
+    return float(value), "latency.verify_band"
+
+
+def latency_table(cfg: DictConfig, settings: LatencySettings) -> LatencyTable:
+    """``latency.table=PATH`` (a table file that travels: built on the target and copied here), else this
+    settings' file in ``latency.table_dir``."""
+    if cfg.get("table"):
+        return LatencyTable.at(cfg.table, settings)
+    return LatencyTable(settings, cfg.table_dir)
 
 
 def table_model(
@@ -73,7 +134,7 @@ def table_model(
     calibrate = cfg.get("calibrate", 8)
     if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
         raise NasError(f"latency.calibrate={calibrate!r} must be a whole number >= 0 (0: no calibration)")
-    return build_table(space, LatencyTable(settings, cfg.table_dir), num_classes, calibrate, seed).model
+    return build_table(space, latency_table(cfg, settings), num_classes, calibrate, seed).model
 
 
 def make_estimator(
@@ -84,5 +145,9 @@ def make_estimator(
     if cfg.estimator == "measure":
         return MeasuredLatency(settings, num_classes)
     if cfg.estimator == "table":
-        return TableLatency(table_model(cfg, settings, space, num_classes, seed, stored), settings, num_classes)
+        table = TableLatency(table_model(cfg, settings, space, num_classes, seed, stored), settings, num_classes)
+        if cfg.get("budget_ms") is None:
+            return table
+        band, source = verify_band(cfg, latency_table(cfg, settings), space)
+        return VerifiedLatency(table, float(cfg.budget_ms), band, source)
     raise NasError(f"latency.estimator={cfg.estimator!r} is not one of {', '.join(ESTIMATORS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -55,6 +56,18 @@ class FidelityReport:
             f"  cost: one prediction {self.predict_s * 1e6:.1f} us, one measurement {self.measure_s * 1e3:.1f} ms "
             f"({self.speedup:,.0f}x cheaper)",
         ]
+
+
+def report_path(table_dir: str | Path, space_name: str, table: LatencyTable) -> Path:
+    """Where ``python -m nas.latency validate`` writes its report for this space and table."""
+    return Path(table_dir) / f"validate-{space_name}-{table.path.stem.removeprefix('table-')}.json"
+
+
+def error_band(report: dict) -> float:
+    """The 90th percentile of the table's relative error in a validate report: the band of budgets within
+    which a prediction may be on the wrong side."""
+    errors = [abs(n["predicted_ms"] - n["measured_ms"]) / n["measured_ms"] for n in report["networks"]]
+    return float(np.quantile(errors, 0.9))
 
 
 def validate(

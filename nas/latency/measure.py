@@ -7,8 +7,6 @@ deployed. On CPU the thread count is fixed and the median of repeated runs is re
 
 from __future__ import annotations
 
-import contextlib
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +17,7 @@ from torch import nn
 
 from nas.errors import NasError
 from nas.latency.runtime import FileRuntime, Runtime, TorchRuntime, cuda_backend_fields
+from nas.latency.sessions import cpu_name, spread, takes_until_steady
 from nas.models import build
 from nas.space import Arch
 
@@ -65,6 +64,9 @@ class LatencySettings:
         return self.mode if self.device == "cuda" else "eager"
 
     def device_name(self) -> str:
+        remote = getattr(self.runtime, "device_name", lambda: None)()  # an agent's device, not this machine
+        if remote:
+            return remote
         if self.device == "cuda":
             return torch.cuda.get_device_name()
         return cpu_name()
@@ -91,14 +93,6 @@ class LatencySettings:
         return {**asdict(replace(self, runtime=TorchRuntime())), "runtime": self.runtime.label()}
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 @dataclass(frozen=True)
 class LatencyStats:
     median_ms: float
@@ -112,12 +106,11 @@ class LatencyStats:
 def _stats(samples_ms: list[float]) -> LatencyStats:
     ordered = sorted(samples_ms)
     n = len(ordered)
-    mean = statistics.fmean(ordered)
     return LatencyStats(
         median_ms=statistics.median(ordered),
         p10_ms=ordered[int(0.1 * (n - 1))],
         p90_ms=ordered[int(0.9 * (n - 1))],
-        cv=statistics.pstdev(ordered) / mean if mean > 0 else 0.0,
+        cv=spread(ordered),
         samples=n,
     )
 
@@ -140,15 +133,8 @@ def measure_file(path: Path, input_shape: tuple[int, ...], settings: LatencySett
 
 def steadiest(take: Callable[[], list[float]], max_cv: float, attempts: int = ATTEMPTS) -> LatencyStats:
     """The first attempt within ``max_cv``, else the least noisy of ``attempts``."""
-    best: LatencyStats | None = None
-    for attempt in range(1, attempts + 1):
-        stats = _stats(take())
-        if best is None or stats.cv < best.cv:
-            best = replace(stats, attempts=attempt)
-        if stats.cv <= max_cv:
-            break
-    assert best is not None
-    return replace(best, attempts=attempt)
+    takes = takes_until_steady(take, max_cv, attempts)
+    return replace(min((_stats(t) for t in takes), key=lambda s: s.cv), attempts=len(takes))
 
 
 def measure_arch(arch: Arch, num_classes: int, settings: LatencySettings) -> LatencyStats:

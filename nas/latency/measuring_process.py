@@ -163,9 +163,10 @@ class MeasuringProcess:
                 self._start()
             return self._exchange(request)
 
-    def sampler(self, path: Path, input_shape: tuple[int, ...], threads: int, warmup: int, repeats: int
-                ) -> Callable[[], list[float]]:  # fmt: skip
-        """The file loaded in the child; calling the result takes one measurement. Raises MeasuringFailed."""
+    def sampler(self, path: Path, input_shape: tuple[int, ...], threads: int, warmup: int, repeats: int,
+                max_cv: float = 0.0, attempts: int = 1) -> Callable[[], list[float]]:  # fmt: skip
+        """The file loaded in the child; calling the result takes one measurement (the caller decides how many:
+        ``max_cv`` and ``attempts`` matter to a remote agent only). Raises MeasuringFailed."""
         answer = self.request({"op": "open", "path": str(path), "shape": list(input_shape), "threads": threads})
         if "refused" in answer:
             raise MeasuringFailed(answer["refused"])

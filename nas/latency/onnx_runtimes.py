@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from nas.errors import NasError
-from nas.latency.measuring_process import MeasuringFailed, RuntimeNotInstalled, measuring_process
+from nas.latency.measure import ATTEMPTS
+from nas.latency.measuring_process import MeasuringFailed, MeasuringProcess, RuntimeNotInstalled, measuring_process
 from nas.latency.runtime import RuntimeRefused, Sampler
 from nas.latency.sessions import ORT_LEVELS, first_line
 from nas.onnx_export import EXPORTERS, export_onnx_file
 
 if TYPE_CHECKING:
     from nas.latency.measure import LatencySettings
+    from nas.latency.remote import RemoteMeasurer
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -30,6 +32,7 @@ class ExportedRuntime:
 
     name = "onnx"
     exporter = "torchscript"  # see nas.onnx_export: the fast tracer, so that tables stay affordable
+    target = "local"  # or a latency agent's http://host:port (latency.target)
 
     def _set_exporter(self, exporter: str) -> None:
         if exporter not in EXPORTERS:
@@ -44,18 +47,40 @@ class ExportedRuntime:
                 raise RuntimeRefused(f"the network cannot be exported to ONNX: {first_line(exc)}") from None
             return self.prepare_file(path, input_shape, settings)  # the runtime holds the model once loaded
 
-    def _start(self, options: dict[str, Any], missing: str) -> None:
-        try:
-            self._process = measuring_process(self.name, options)
-        except RuntimeNotInstalled:
-            raise NasError(missing) from None
+    def _start(self, options: dict[str, Any], missing: str, target: str) -> None:
+        """The runtime's measuring process here, or the latency agent at ``target`` (``latency.target``)."""
+        if target != "local":
+            from nas.latency.remote import RemoteMeasurer
+
+            self.target = target
+            self._process: MeasuringProcess | RemoteMeasurer = RemoteMeasurer(target, self.name, options)
+        else:
+            try:
+                self._process = measuring_process(self.name, options)
+            except RuntimeNotInstalled:
+                raise NasError(missing) from None
         self.version = str(self._process.described["version"])
         self.available = list(self._process.described["available"])
 
+    def device_name(self) -> str | None:
+        """The agent's processor when measuring on another device; None: this machine's."""
+        return str(self._process.described["cpu"]) if self.target != "local" else None
+
+    def _with_target(self, identity: dict[str, object]) -> dict[str, object]:
+        """A figure from an agent is the device's: its host and processor, not the tunnel's address."""
+        if self.target != "local":
+            identity["target"] = {"host": self._process.described["host"], "cpu": self._process.described["cpu"]}
+        return identity
+
+    def _at_target(self, label: str) -> str:
+        return label if self.target == "local" else f"{label}@{self._process.described['host']}"
+
     def prepare_file(self, path: Path, input_shape: tuple[int, ...], settings: LatencySettings) -> Sampler:
-        """The file loaded in the runtime's measuring process, timed there with the settings' threads."""
+        """The file loaded in the runtime's measuring process (or agent), timed there with the settings'
+        threads."""
         try:
-            take = self._process.sampler(path, input_shape, settings.threads, settings.warmup, settings.repeats)
+            take = self._process.sampler(path, input_shape, settings.threads, settings.warmup, settings.repeats,
+                                         settings.max_cv, ATTEMPTS)  # fmt: skip
         except MeasuringFailed as exc:
             raise RuntimeRefused(str(exc)) from None
 
@@ -75,7 +100,11 @@ class OnnxRuntime(ExportedRuntime):
     name = "onnxruntime"
 
     def __init__(
-        self, providers: list[str] | None = None, optimization: str = "all", exporter: str = "torchscript"
+        self,
+        providers: list[str] | None = None,
+        optimization: str = "all",
+        exporter: str = "torchscript",
+        target: str = "local",
     ) -> None:
         self._set_exporter(exporter)
         if optimization not in ORT_LEVELS:
@@ -85,6 +114,7 @@ class OnnxRuntime(ExportedRuntime):
             {"providers": self.providers, "optimization": optimization},
             "latency/runtime=onnxruntime needs ONNX Runtime: pip install onnxruntime (onnxruntime-gpu for the "
             "CUDA and TensorRT execution providers)",
+            target,
         )
         missing = [p for p in self.providers if p not in self.available]
         if missing:
@@ -105,16 +135,18 @@ class OnnxRuntime(ExportedRuntime):
             )
 
     def identity(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "providers": self.providers,
-            "optimization": self.optimization,
-            "exporter": self.exporter,
-        }
+        return self._with_target(
+            {
+                "name": self.name,
+                "version": self.version,
+                "providers": self.providers,
+                "optimization": self.optimization,
+                "exporter": self.exporter,
+            }
+        )
 
     def label(self) -> str:
-        return f"{self.name}[{','.join(p.removesuffix('ExecutionProvider') for p in self.providers)}]"
+        return self._at_target(f"{self.name}[{','.join(p.removesuffix('ExecutionProvider') for p in self.providers)}]")
 
 
 class OpenVinoRuntime(ExportedRuntime):
@@ -125,11 +157,13 @@ class OpenVinoRuntime(ExportedRuntime):
 
     name = "openvino"
 
-    def __init__(self, hint: str = "LATENCY", precision: str = "f32", exporter: str = "torchscript") -> None:
+    def __init__(
+        self, hint: str = "LATENCY", precision: str = "f32", exporter: str = "torchscript", target: str = "local"
+    ) -> None:
         self._set_exporter(exporter)
         self.hint, self.precision = hint, precision
         self._start({"hint": hint, "precision": precision},
-                    "latency/runtime=openvino needs OpenVINO: pip install -e '.[openvino]'")  # fmt: skip
+                    "latency/runtime=openvino needs OpenVINO: pip install -e '.[openvino]'", target)  # fmt: skip
         if "CPU" not in self.available:
             raise NasError(f"OpenVINO {self.version} finds no CPU plugin here (devices: {self.available})")
 
@@ -143,13 +177,15 @@ class OpenVinoRuntime(ExportedRuntime):
             )
 
     def identity(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "hint": self.hint,
-            "precision": self.precision,
-            "exporter": self.exporter,
-        }
+        return self._with_target(
+            {
+                "name": self.name,
+                "version": self.version,
+                "hint": self.hint,
+                "precision": self.precision,
+                "exporter": self.exporter,
+            }
+        )
 
     def label(self) -> str:
-        return f"{self.name}[CPU,{self.precision}]"
+        return self._at_target(f"{self.name}[CPU,{self.precision}]")

@@ -197,27 +197,43 @@ def _node_of_name(name: str) -> Any:
     return OmegaConf.load(path)
 
 
-def runtime_config(node: Any) -> dict[str, Any]:
+def runtime_config(node: Any, target: str | None = None) -> dict[str, Any]:
     """The runtime's settings as plain data (what a study keeps, so its retrain measures alike): a group option,
-    an option's name (``latency.runtime=NAME``) or nothing (PyTorch)."""
+    an option's name (``latency.runtime=NAME``) or nothing (PyTorch); with ``latency.target`` when it names
+    an agent on another device."""
     from omegaconf import DictConfig, OmegaConf
 
     if node is None:
-        return {"_target_": f"{TorchRuntime.__module__}.{TorchRuntime.__qualname__}"}
+        node = {"_target_": f"{TorchRuntime.__module__}.{TorchRuntime.__qualname__}"}
     if isinstance(node, str):
         node = _node_of_name(node)
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if not isinstance(node, dict) or not node.get("_target_"):
         raise NasError("latency.runtime needs a _target_ (choose one with latency/runtime=onnxruntime)")
-    return dict(node)
+    config = dict(node)
+    if target not in (None, "local"):
+        from nas.latency.remote import check_target
+
+        config["target"] = check_target(str(target))
+    return config
 
 
-def make_runtime(node: Any) -> Runtime:
+def make_runtime(node: Any, target: str | None = None) -> Runtime:
     """The configured runtime (see :func:`runtime_config`); one that cannot run here stops at once."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
-    config = runtime_config(node)
+    config = runtime_config(node, target)
+    if "target" in config:
+        from nas.latency.onnx_runtimes import ExportedRuntime
+
+        try:
+            runs_onnx = issubclass(get_class(config["_target_"]), ExportedRuntime)
+        except Exception:  # a class that cannot be found is reported below
+            runs_onnx = True
+        if not runs_onnx:
+            raise NasError(f"latency.target={config['target']} sends ONNX files to an agent: choose a runtime "
+                               "that runs them, latency/runtime=onnxruntime or latency/runtime=openvino")  # fmt: skip
     target = config["_target_"]
     try:
         runtime = instantiate(config, _convert_="all")

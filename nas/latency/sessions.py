@@ -8,6 +8,9 @@ so that a runtime's own thread pools, allocators and copies of oneDNN never shar
 
 from __future__ import annotations
 
+import contextlib
+import platform
+import statistics
 from collections.abc import Callable
 from time import perf_counter
 
@@ -34,6 +37,29 @@ def timed_calls(run: Callable[[], object], warmup: int, repeats: int) -> list[fl
         run()
         samples.append((perf_counter() - t0) * 1e3)
     return samples
+
+
+def spread(samples_ms: list[float]) -> float:
+    """Coefficient of variation (standard deviation / mean) of timed samples."""
+    mean = statistics.fmean(samples_ms)
+    return statistics.pstdev(samples_ms) / mean if mean > 0 else 0.0
+
+
+def takes_until_steady(take: Callable[[], list[float]], max_cv: float, attempts: int) -> list[list[float]]:
+    """Measurements taken until one spreads no more than ``max_cv``, ``attempts`` at most (the caller keeps the
+    steadiest)."""
+    takes = [take()]
+    while spread(takes[-1]) > max_cv and len(takes) < attempts:
+        takes.append(take())
+    return takes
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def random_input(input_shape: tuple[int, ...]) -> np.ndarray:

@@ -192,9 +192,9 @@ class LatencyTable:
     """Layer latencies for one device and settings, and the calibrations fitted on them, persisted as JSON;
     missing entries are measured on demand."""
 
-    def __init__(self, settings: LatencySettings, directory: str | Path) -> None:
+    def __init__(self, settings: LatencySettings, directory: str | Path, path: str | Path | None = None) -> None:
         self.settings = settings
-        self.path = Path(directory) / f"table-{table_id(settings)}.json"
+        self.path = Path(path) if path else Path(directory) / f"table-{table_id(settings)}.json"
         self.entries: dict[str, float] = {}
         self.calibrations: dict[str, Calibration] = {}
         self.refused: dict[str, str] = {}  # layers the runtime cannot compile, with its reason
@@ -210,10 +210,30 @@ class LatencyTable:
                 self.calibrations = {k: Calibration(**v) for k, v in (blob.get("calibrations") or {}).items()}
                 self.refused = dict(blob.get("refused") or {})
 
+    @classmethod
+    def at(cls, path: str | Path, settings: LatencySettings) -> LatencyTable:
+        """A table file named by the user (``latency.table=PATH``), e.g. built on or through the target device
+        and copied here. One made with other settings is refused naming what differs, never measured over."""
+        path = Path(path)
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text()).get("settings")
+            except (ValueError, AttributeError) as exc:
+                raise NasError(f"latency.table={path} is not a latency table ({exc})") from None
+            if not isinstance(stored, dict):
+                raise NasError(f"latency.table={path} is not a latency table (it has no settings)")
+            diffs = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in settings.key_fields().items() if stored.get(k) != v]
+            if diffs:
+                raise NasError(
+                    f"latency.table={path} was built with other latency settings ({'; '.join(diffs)}): use the "
+                    "settings it was built with, or build a table for these (another latency.table file)"
+                )
+        return cls(settings, path.parent, path)
+
     def save(self) -> None:
         """Merge with what is on disk (another worker may have added entries) and replace atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        on_disk = LatencyTable(self.settings, self.path.parent)
+        on_disk = LatencyTable(self.settings, self.path.parent, self.path)
         entries = {**on_disk.entries, **self.entries}
         calibrations = {**on_disk.calibrations, **self.calibrations}
         blob = {

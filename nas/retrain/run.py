@@ -94,7 +94,9 @@ def target_latency(cfg: DictConfig, sel: Selection) -> TargetLatency:
     the command's own ``latency.*``."""
     ident = sel.identity
     stored_runtime = ident.get("latency.runtime_config")  # the study's runtime, whatever today's config says
-    base = settings_from_cfg(cfg.latency, make_runtime(stored_runtime) if stored_runtime else None)
+    target = cfg.latency.get("target") or "local"  # today's address of the study's device, if it moved
+    target = ident.get("latency.target") if target == "local" else target
+    base = settings_from_cfg(cfg.latency, make_runtime(stored_runtime, target) if stored_runtime else None)
     if not ident:
         return TargetLatency(base, cfg.latency.budget_ms)
     kind = _device_kind(ident)

@@ -227,6 +227,8 @@ class Objective:
         latency = self.estimator.latency_ms(arch)
         outcome.latency_ms, outcome.params = latency, params
         trial.set_user_attr("latency_ms", latency)
+        for key, value in getattr(self.estimator, "details", {}).items():  # predicted and measured near the budget
+            trial.set_user_attr(key, value)
         trial.set_user_attr("params", params)
         if self.goal.hard_budget:
             trial.set_constraint(CONSTRAINT_KEY, latency - float(self.goal.budget_ms))  # type: ignore[arg-type]

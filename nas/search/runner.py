@@ -17,7 +17,7 @@ from nas import trial_states
 from nas.data.folders import ImageFiles
 from nas.errors import NasError
 from nas.interrupts import EXIT_CODES, Interrupted, signals_interrupt
-from nas.latency.estimator import TableLatency, make_estimator
+from nas.latency.estimator import TableLatency, VerifiedLatency, make_estimator
 from nas.latency.runtime import make_runtime, runtime_config
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
@@ -77,7 +77,8 @@ def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any, goal: StudyO
 
 def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
     params = flatten_config(cfg)
-    params["latency.runtime.identity"] = str(make_runtime(cfg.latency.get("runtime")).identity())  # version too
+    runtime = make_runtime(cfg.latency.get("runtime"), cfg.latency.get("target"))
+    params["latency.runtime.identity"] = str(runtime.identity())  # its version too
     params["study.storage"] = mask_url(str(cfg.study.storage))
     params["mlflow.tracking_uri"] = mask_url(str(cfg.mlflow.tracking_uri))
     params["space.file"] = str(space.path)
@@ -195,10 +196,11 @@ def open_session(cfg: DictConfig) -> Session:
     _precheck_budget(cfg, space, estimator, goal)
     runtime = estimator.settings.runtime
     latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator), "runtime": runtime.label(),
-               "runtime_config": runtime_config(cfg.latency.get("runtime"))}  # fmt: skip
+               "runtime_config": runtime_config(cfg.latency.get("runtime")),
+               "target": cfg.latency.get("target")}  # fmt: skip
     identity = study_identity(cfg, space, goal, latency, data, hparams)
     study, created = open_study(cfg, name, identity, storage, goal)
-    if isinstance(estimator, TableLatency) and LATENCY_ATTR not in study.user_attrs and not worker:
+    if isinstance(estimator, (TableLatency, VerifiedLatency)) and LATENCY_ATTR not in study.user_attrs and not worker:
         study.set_user_attr(LATENCY_ATTR, estimator.model.record())
     tracker = StudyTracker(client, cfg, study.study_name)
     if worker:
@@ -223,6 +225,8 @@ def run_search(cfg: DictConfig) -> SearchResult:
         f"{mask_url(str(cfg.mlflow.tracking_uri))}",
         flush=True,
     )
+    if isinstance(o.estimator, VerifiedLatency) and not s.worker:
+        print(o.estimator.describe(), flush=True)
     if s.phase == "finalists":
         return _finalist_worker(s)
     if workers.needs_processes(s.plans):

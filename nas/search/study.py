@@ -166,6 +166,7 @@ def study_identity(
         "latency.estimator": latency.get("estimator"),
         "latency.runtime": latency.get("runtime"),  # by name: resuming in another runtime is refused
         "latency.runtime_config": latency.get("runtime_config"),  # what nas.retrain measures the winner in
+        "latency.target": latency.get("target"),  # the agent's address (may move: the device is latency_device)
         # The calibration's network count: its fit is kept with the study (nas.studies.LATENCY_ATTR).
         "latency.calibrate": int(cfg.latency.calibrate) if latency.get("estimator") == "table" else None,
         "data": cfg.data.name,

@@ -9,6 +9,7 @@ import optuna
 from omegaconf import DictConfig
 
 from nas import trial_states
+from nas.latency.estimator import CHANGED_ATTR, MEASURED_ATTR, PREDICTED_ATTR
 from nas.objectives import ParetoObjective, StudyObjective
 from nas.report import publish_plots
 from nas.search.console import retrain_lines, round_summary, summary_line, summary_table
@@ -33,6 +34,21 @@ class SearchResult:
 def _fastest_draw(study: optuna.Study) -> float | None:
     draws = trial_states.over_budget(study)
     return min(t.user_attrs["latency_ms"] for t in draws) if draws else None
+
+
+def verified_counts(study: optuna.Study) -> tuple[int, int, int]:
+    """Draws the table judged, those measured because they were near the budget, and the budget decisions
+    the measurement changed (latency.verify_band)."""
+    judged = [t.user_attrs for t in study.get_trials(deepcopy=False) if PREDICTED_ATTR in t.user_attrs]
+    return len(judged), sum(MEASURED_ATTR in a for a in judged), sum(bool(a.get(CHANGED_ATTR)) for a in judged)
+
+
+def verified_line(study: optuna.Study) -> list[str]:
+    judged, measured, changed = verified_counts(study)
+    if not measured:
+        return []
+    return [f"latency near the budget: {measured} of {judged} draws measured on the target before they were "
+            f"judged (latency.verify_band); the measurement changed {changed} budget decisions"]  # fmt: skip
 
 
 def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
@@ -121,6 +137,9 @@ def _record_study(
              "n_failed": counts[trial_states.FAILED]},
         )  # fmt: skip
     _log_over_budget(study, tracker)
+    judged, measured, changed = verified_counts(study)
+    if tracker.parent_run_id and judged:
+        tracker.log_metrics(tracker.parent_run_id, {"n_verify_measured": measured, "n_verify_changed": changed})
     best = goal.ranked(study)
     if best:
         _log_best(study, tracker, goal, best)
@@ -150,7 +169,7 @@ def finish(
 ) -> SearchResult:
     counts = trial_states.counts(study)
     best = goal.ranked(study)
-    lines = ["", summary_line(study.study_name, counts)]
+    lines = ["", summary_line(study.study_name, counts), *verified_line(study)]
     if best:
         lines += [f"best trials ({goal.describe()}):", summary_table(best, goal)]
     if isinstance(goal, ParetoObjective):
