@@ -31,6 +31,29 @@ TINY_SPACE = (ROOT / "tests" / "tiny_space.yaml").read_text()  # also the dry ru
 TINY_ARCH = "nas1-r16-w0.5-stem_c16_s1_hs-k3_e2_c16_s2_re-k3_e3_c24_s2_hs_se-head_c64_hs-fc_c64"
 
 
+# Few layers, so that a table in a runtime (an ONNX export per layer) builds in seconds; SE in one block only.
+MICRO_SPACE = """\
+description: micro test space
+resolution: 16
+width: [0.5]
+stem: {channels: 16, stride: 1, activation: hswish}
+block: {kernel: [3, 5], expansion: [2], se: [false], activation: [relu]}
+stages:
+  - {channels: 16, stride: 2, depth: [1]}
+  - {channels: 24, stride: 2, depth: [1], se: [false, true]}
+head: {channels: 64, activation: hswish}
+classifier: {channels: 64}
+"""
+
+
+@pytest.fixture
+def micro_space(tmp_path: Path) -> Path:
+    path = tmp_path / "spaces" / "micro.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(MICRO_SPACE)
+    return path
+
+
 @pytest.fixture
 def tiny_space(tmp_path: Path) -> Path:
     path = tmp_path / "spaces" / "tiny.yaml"

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
 import pytest
@@ -25,7 +26,6 @@ from nas.models import build
 from nas.onnx_export import export_onnx_file
 from nas.space import decode
 from tests.conftest import FAST, HANG_S, ROOT, TINY_ARCH, subprocess_env
-from tests.test_runtimes import micro_space  # noqa: F401 -- the fixture: a space whose ONNX layers export fast
 
 TOKEN = "agent-test-token-0123456789"
 TRAINING_STACK = ("torch", "optuna", "mlflow", "lightning", "hydra", "omegaconf", "torchvision")
@@ -133,7 +133,7 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def test_a_search_measures_on_the_agent_and_resumes_after_it_was_killed(tmp_path, micro_space, monkeypatch):  # noqa: F811
+def test_a_search_measures_on_the_agent_and_resumes_after_it_was_killed(tmp_path, micro_space, monkeypatch):
     """Every latency figure of the study comes from the agent (its count of measurements is the study's); an
     agent that is not there stops the command before anything is measured; one killed mid-search fails the
     next trial with the reason, and the rerun with the agent back completes the study, no trial lost."""
@@ -181,3 +181,52 @@ def test_a_search_measures_on_the_agent_and_resumes_after_it_was_killed(tmp_path
         assert _status(url)["measured"] == 1 + 2
     finally:
         _stop(agent)
+
+
+def test_a_table_built_through_the_agent_travels_and_the_draws_near_the_budget_are_measured_there(
+    tmp_path,
+    micro_space,
+    agent,
+):
+    """The table estimator built through the agent into one file (latency.table=PATH), a search that predicts
+    with that file, and latency.verify_band: the only measurements the search adds on the agent are those
+    of the draws predicted near the budget."""
+    env = subprocess_env()
+    path = tmp_path / "tables" / "device.json"
+    latency = ["latency/runtime=onnxruntime", f"latency.target={agent}", f"latency.table={path}",
+               "latency.calibrate=2", "latency.repeats=5"]  # fmt: skip
+    built = subprocess.run([sys.executable, "-m", "nas.latency", "build-table", f"+space={micro_space}",
+                            "data=digits", *latency], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=HANG_S)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    after_build = _status(agent)["measured"]
+    entries = json.loads(path.read_text())["entries"]
+    assert after_build == len(entries) + 2  # every layer and both calibration networks, all on the agent
+    fast = [a for a in FAST if not a.startswith("latency.")]
+    predictions = sorted(_predictions(path, micro_space, agent))
+    assert _status(agent)["measured"] == after_build  # the file, used elsewhere as it is: nothing measured again
+    budget = predictions[len(predictions) // 2]
+    proc = subprocess.run([sys.executable, "-m", "nas.search", f"+space={micro_space}", "trials=2", *fast,
+                           *latency, "latency.device=cpu", "latency.estimator=table", f"latency.budget_ms={budget}",
+                           "latency.verify_band=0.5", "search.precheck_budget=false", "search/sampler=random",
+                           "search.enqueue_references=false"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=HANG_S)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path}/outputs/optuna.db"
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    verified = [t for t in trials if "latency_measured_ms" in t.user_attrs]
+    assert all("latency_predicted_ms" in t.user_attrs for t in trials)
+    assert _status(agent)["measured"] - after_build == len(verified)  # the search measured those, on the agent
+    assert "draws predicted within ±50.0% of the budget are measured in onnxruntime[CPU]@" in proc.stdout
+
+
+def _predictions(path: Path, space_file: Path, agent: str) -> list[float]:
+    from nas.latency.measure import LatencySettings
+    from nas.latency.table import LatencyTable, LayerModel, build_table
+    from nas.space import load_space
+
+    settings = LatencySettings(device="cpu", repeats=5, runtime=OnnxRuntime(target=agent))
+    space = load_space(space_file)
+    model: LayerModel = build_table(space, LatencyTable.at(path, settings), 10, 2, 0).model  # all from the file
+    return [model.predict(space.sample(seed), 10) for seed in range(20)]

@@ -35,28 +35,7 @@ from tests.conftest import FAST, HANG_S, ROOT, TINY_ARCH, compose_cfg, subproces
 
 QUICK = {"device": "cpu", "warmup": 2, "repeats": 5, "max_cv": 10.0}
 RUNTIMES = {"onnxruntime": OnnxRuntime, "openvino": OpenVinoRuntime}
-# Few layers, so that a table in a runtime (an ONNX export per layer) builds in seconds; SE in one block only.
-MICRO_SPACE = """\
-description: micro test space
-resolution: 16
-width: [0.5]
-stem: {channels: 16, stride: 1, activation: hswish}
-block: {kernel: [3, 5], expansion: [2], se: [false], activation: [relu]}
-stages:
-  - {channels: 16, stride: 2, depth: [1]}
-  - {channels: 24, stride: 2, depth: [1], se: [false, true]}
-head: {channels: 64, activation: hswish}
-classifier: {channels: 64}
-"""
 REFUSING = "latency.runtime._target_=tests.runtime_doubles.OnnxRuntimeWithoutHardSigmoid"
-
-
-@pytest.fixture
-def micro_space(tmp_path: Path) -> Path:
-    path = tmp_path / "spaces" / "micro.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(MICRO_SPACE)
-    return path
 
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
