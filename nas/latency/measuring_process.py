@@ -106,6 +106,7 @@ class MeasuringProcess:
     def __init__(self, runtime: str, options: dict[str, Any]) -> None:
         self.runtime, self.options = runtime, options
         self._lock = threading.Lock()
+        self._unused: list[tuple[int, int | None]] = []  # handles whose sampler was collected, not yet closed
         self._proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
         self.described: dict[str, Any] = self._start()
@@ -161,6 +162,10 @@ class MeasuringProcess:
         with self._lock:
             if self._proc is None:  # it died measuring an earlier network: a fresh one for this one
                 self._start()
+            while self._unused:  # closed here, never from a finalizer (it may run in the middle of an exchange)
+                handle, pid = self._unused.pop()
+                if pid == self.pid:
+                    self._exchange({"op": "close", "handle": handle})
             return self._exchange(request)
 
     def sampler(self, path: Path, input_shape: tuple[int, ...], threads: int, warmup: int, repeats: int,
@@ -177,17 +182,12 @@ class MeasuringProcess:
                 raise MeasuringFailed(f"the {self.runtime} measuring process ended after this network was loaded")
             return self.request({"op": "take", "handle": handle, "warmup": warmup, "repeats": repeats})["samples"]
 
-        weakref.finalize(take, self._close_handle, handle, pid)
+        weakref.finalize(take, self._unused.append, (handle, pid))
         return take
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-    def _close_handle(self, handle: int, pid: int | None) -> None:
-        if self.pid == pid:
-            with contextlib.suppress(Exception):
-                self.request({"op": "close", "handle": handle})
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
