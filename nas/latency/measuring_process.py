@@ -124,7 +124,11 @@ class MeasuringProcess:
             text=True,
             start_new_session=True,  # a Ctrl-C in the terminal is the search's to handle, not the child's
         )
-        answer = self._exchange({"op": "start", "runtime": self.runtime, "options": self.options})
+        try:
+            answer = self._exchange({"op": "start", "runtime": self.runtime, "options": self.options})
+        except MeasuringFailed:  # options the runtime does not take: no child left behind
+            self.close()
+            raise
         if "missing" in answer:
             self.close()
             raise RuntimeNotInstalled(answer["missing"])
