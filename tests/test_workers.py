@@ -176,3 +176,9 @@ def test_a_hand_started_worker_that_measures_latency_is_warned_about_its_neighbo
     assert capsys.readouterr().err == ""
     with pytest.raises(NasError, match="2 concurrent workers would disturb"):
         workers.check_latency_for_concurrency(compose_cfg("latency.estimator=measure"), 2)
+    # A table that measures the draws near the budget measures here too; an agent on the device does not.
+    near = ("latency.estimator=table", "latency.budget_ms=1", "latency.verify_band=0.1")
+    with pytest.raises(NasError, match=r"2 concurrent workers would disturb .* without latency.verify_band"):
+        workers.check_latency_for_concurrency(compose_cfg(*near), 2)
+    workers.check_latency_for_concurrency(compose_cfg(*near, "latency.target=http://127.0.0.1:8765"), 2)
+    workers.check_latency_for_concurrency(compose_cfg("latency.estimator=measure", "latency.target=http://h:1"), 2)

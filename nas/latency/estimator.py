@@ -113,7 +113,7 @@ def verify_band(cfg: DictConfig, table: LatencyTable, space: Space) -> tuple[flo
         return error_band(json.loads(path.read_text())), f"the 90th-percentile error in {path}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise NasError(f"latency.verify_band={value!r} must be auto or a fraction of the budget in [0, 1)")
-    return float(value), "latency.verify_band"
+    return float(value), "latency.verify_band" if value else "off"
 
 
 def latency_table(cfg: DictConfig, settings: LatencySettings) -> LatencyTable:

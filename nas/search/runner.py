@@ -193,6 +193,9 @@ def open_session(cfg: DictConfig) -> Session:
     name = study_name(cfg, space, data["fingerprint"])
     stored = stored_latency_table(storage, name)  # a resumed study predicts with its own table
     estimator = make_estimator(cfg.latency, num_classes, space, int(cfg.seed), stored)
+    local = (cfg.latency.get("target") or "local") == "local"
+    if isinstance(estimator, VerifiedLatency) and (len(plans) > 1 or worker) and local:  # band=auto: not beside
+        estimator.band, estimator.source = 0.0, "off: other workers train beside its measurements on this machine"
     _precheck_budget(cfg, space, estimator, goal)
     runtime = estimator.settings.runtime
     latency = {**estimator.settings.key_fields(), "estimator": str(cfg.latency.estimator), "runtime": runtime.label(),

@@ -66,14 +66,25 @@ def plan(cfg: DictConfig, available_gpus: int | None = None) -> list[WorkerPlan]
     return [WorkerPlan(len(ids) * k + n, gpu) for k in range(per_gpu) for n, gpu in enumerate(ids)]
 
 
+def measures_here(latency: DictConfig) -> bool:
+    """Whether trials measure latency on this machine: an agent on another device (latency.target) is not
+    disturbed by training here; an explicit latency.verify_band measures some draws with the table."""
+    if (latency.get("target") or "local") != "local":
+        return False
+    band = latency.get("verify_band", "auto")
+    verified = latency.estimator == "table" and latency.get("budget_ms") is not None and band not in ("auto", 0)
+    return latency.estimator == "measure" or verified
+
+
 def check_latency_for_concurrency(cfg: DictConfig, workers: int) -> None:
     """A measurement taken while other trials load the device is wrong: concurrent workers use the table."""
-    if workers > 1 and cfg.latency.estimator == "measure":
+    if workers > 1 and measures_here(cfg.latency):
         raise NasError(
             f"{workers} concurrent workers would disturb each other's latency measurements; use the lookup "
-            f"table (latency.estimator=table, built once before the workers start)"
+            f"table (latency.estimator=table, built once before the workers start) without latency.verify_band, "
+            "or measure on the target device (latency.target)"
         )
-    if cfg.search.get("role") == "worker" and cfg.latency.estimator == "measure":
+    if cfg.search.get("role") == "worker" and measures_here(cfg.latency):
         # A hand-started worker cannot see who else trains on its device: say what is at stake, once.
         print(
             f"warning: worker {cfg.search.get('worker_index', 0)} measures every candidate's latency "
