@@ -18,7 +18,7 @@ from nas.data.folders import ImageFiles
 from nas.errors import NasError
 from nas.interrupts import EXIT_CODES, Interrupted, signals_interrupt
 from nas.latency.estimator import TableLatency, VerifiedLatency, make_estimator
-from nas.latency.runtime import make_runtime, runtime_config
+from nas.latency.runtime import Runtime, runtime_config
 from nas.objectives import StudyObjective, objective_from_cfg
 from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
@@ -75,9 +75,8 @@ def _precheck_budget(cfg: DictConfig, space: Space, estimator: Any, goal: StudyO
         )
 
 
-def _study_params(cfg: DictConfig, space: Space) -> dict[str, Any]:
+def _study_params(cfg: DictConfig, space: Space, runtime: Runtime) -> dict[str, Any]:
     params = flatten_config(cfg)
-    runtime = make_runtime(cfg.latency.get("runtime"), cfg.latency.get("target"))
     params["latency.runtime.identity"] = str(runtime.identity())  # its version too
     params["study.storage"] = mask_url(str(cfg.study.storage))
     params["mlflow.tracking_uri"] = mask_url(str(cfg.mlflow.tracking_uri))
@@ -209,7 +208,7 @@ def open_session(cfg: DictConfig) -> Session:
     if worker:
         tracker.join_parent(study)
     else:
-        tracker.open_parent(study, _study_params(cfg, space), space.path)
+        tracker.open_parent(study, _study_params(cfg, space, estimator.settings.runtime), space.path)
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
