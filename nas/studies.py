@@ -92,7 +92,8 @@ def identity_diffs(stored: Mapping[str, Any], current: Mapping[str, Any]) -> lis
 def finalist_round(study: optuna.Study) -> dict[str, Any] | None:
     """The outcome the search recorded for its last finalist round: ``winner`` (a trial number, or None when
     no finalist's measured latency met the budget), ``trained`` (networks in the study then), ``kendall_tau``,
-    ``epochs``, ``seeds``, ``candidates``."""
+    ``fidelity``, ``epochs``, ``seeds``, ``round_seeds``, ``finalist_hparams``, ``verdict_alpha``, ``candidates``
+    (each with its ``verdicts``)."""
     return study.user_attrs.get(ROUND_ATTR)
 
 

@@ -66,7 +66,8 @@ def test_two_workers_share_a_sqlite_study_with_a_budget(in_tmp, tiny_space):
     budget = budget_at_percentile(tiny_space, cfg, 0.4)  # most draws are over it: trained networks must still add up
     result = run_search(compose_cfg(f"+space={tiny_space}", *FAST, "trials=5", "search.workers=2",
                                     f"latency.budget_ms={budget}", "search.finalists=2",
-                                    "search.finalist_epochs=1"))  # fmt: skip
+                                    "search.finalist_epochs=1", "search.finalist_seeds=2",
+                                    "search.fidelity_sample=0"))  # fmt: skip
     assert result.exit_code == 0
     _check_exact(result.study, f"sqlite:///{in_tmp}/outputs/mlflow.db", 5)
     assert any(t.user_attrs.get("state") == "infeasible" for t in result.study.trials)

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial
 from nas import trial_states
 from nas.cli import CONF_DIR, default_tracking_uri
 from nas.objectives import StudyObjective
-from nas.search.finalists import Finalist, RoundOutcome, compare
+from nas.search.finalists import Finalist, RoundOutcome, versus
 from nas.search.objective import TrialOutcome
 from nas.train.progress import human_duration
 from nas.train.run import recipe, recipe_overrides
@@ -163,34 +163,39 @@ def summary_table(trials: Sequence[FrozenTrial], goal: StudyObjective, limit: in
     return "\n".join(rows)
 
 
-def _versus(f: Finalist, references: Sequence[Finalist]) -> str:
-    parts = []
-    for r in references:
-        if r is f:
-            continue
-        diff, verdict = compare(f, r)
-        parts.append(f"{verdict} {r.candidate.reference} ({diff:+.4f})")
-    return ", ".join(parts)
+def _accuracy(f: Finalist) -> str:
+    interval = f.interval
+    return f"{f.mean:.4f} {interval.text()}" if interval else f"{f.mean:.4f} (one seed)"
+
+
+def _latency(f: Finalist) -> str:
+    c = f.candidate
+    if f.measured_ms is None:
+        return f"{c.predicted_ms:.3f} (fidelity sample: not measured)"
+    latency = f"{c.predicted_ms:.3f} -> {f.measured_ms:.3f} ({f.p10_ms:.3f}-{f.p90_ms:.3f})"
+    return latency + (" OVER" if f.over_budget else "")
 
 
 def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
-    """The finalist table, the winner, and how well the short search runs ranked the networks."""
+    """The round's table with intervals and paired verdicts, the winner, and the proxy's fidelity."""
     s, lat = outcome.settings, outcome.latency
     where = f"{lat.runtime.label()} on {lat.device_name()}, batch {lat.batch_size}"
-    lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs; latency measured in {where}):"]
+    seeds = ", ".join(map(str, outcome.seeds))
+    lines = [f"finalists ({s.seeds} seed(s) x {s.epochs} epochs, seeds {seeds} shared by every network; "
+             f"latency measured in {where}):"]  # fmt: skip
     lines.append(
-        f"{'trial':>5}  {'search_acc':>10}  {'final_acc (mean ± sd)':>21}  "
-        f"{'latency ms: predicted -> measured (p10-p90)':<44}  {'params':>6}  vs references"
+        f"{'trial':>5}  {'search_acc':>10}  {'final_acc mean [95% interval]':<29}  "
+        f"{'latency ms: predicted -> measured (p10-p90)':<44}  {'params':>6}  "
+        f"vs references: paired difference [95% interval], p-value; verdict at alpha {s.alpha:g}, Holm over the table"
     )
     for f in outcome.finalists:
         c = f.candidate
         mark = "*" if f is outcome.winner else " "
-        latency = f"{c.predicted_ms:.3f} -> {f.measured_ms:.3f} ({f.p10_ms:.3f}-{f.p90_ms:.3f})"
-        latency += " OVER" if f.over_budget else ""
+        against = ", ".join(cmp.text() for cmp in outcome.comparisons.get(c.trial, [])) or "-"
+        role = f"  [{c.reference}]" if c.reference else "  [fidelity sample]" if c.sample else ""
         lines.append(
-            f"{c.trial:>4}{mark}  {c.search_acc:>10.4f}  {f.mean:>12.4f} ± {f.sd:.4f}  {latency:<44}  "
-            f"{human_count(c.params):>6}  {_versus(f, outcome.references) or '-'}"
-            f"{f'  [{c.reference}]' if c.reference else ''}"
+            f"{c.trial:>4}{mark}  {c.search_acc:>10.4f}  {_accuracy(f):<29}  {_latency(f):<44}  "
+            f"{human_count(c.params):>6}  {against}{role}"
         )
     for failure in outcome.failed:
         lines.append(f"  not finished: {failure}")
@@ -198,9 +203,13 @@ def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
         w = outcome.winner
         budget = f" within the {goal.budget_ms:g} ms budget" if goal.hard_budget else ""
         lines.append(
-            f"winner: {w.candidate.name} (*): {w.mean:.4f} ± {w.sd:.4f} over {len(w.accs)} run(s), measured "
+            f"winner: {w.candidate.name} (*): {_accuracy(w)} over {len(w.accs)} run(s), measured "
             f"{w.measured_ms:.3f} ms{budget}: nas.retrain select=best retrains it"
         )
+        if outcome.runner_up is not None:
+            ahead = versus(w, outcome.runner_up, s.alpha)
+            meaning = {"beats": "more than noise", "ties": "within noise"}.get(ahead.verdict, "no test")
+            lines.append(f"  ahead of the runner-up: {ahead.text()}: {meaning} at alpha {s.alpha:g}")
     elif outcome.finalists:
         lines.append(
             f"no finalist's measured latency is within the {goal.budget_ms:g} ms budget: the latency estimate is "
@@ -209,9 +218,5 @@ def round_summary(outcome: RoundOutcome, goal: StudyObjective) -> list[str]:
         )
     else:
         lines.append("no finalist run finished (reasons above): nas.retrain falls back to the search's best")
-    tau = "-" if outcome.kendall_tau is None else f"{outcome.kendall_tau:+.2f}"
-    lines.append(
-        f"proxy fidelity: Kendall tau {tau} between search and finalist accuracy over {len(outcome.finalists)} "
-        "networks (+1: the short search runs rank networks as the longer ones do)"
-    )
+    lines.append(outcome.fidelity.line())
     return lines

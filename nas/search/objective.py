@@ -256,6 +256,7 @@ class Objective:
         flops = cost(arch, self.num_classes).flops  # only for networks that train
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("worker", worker_index(self.cfg))
+        trial.set_user_attr("seed", int(cfg.seed))  # its training seed: the finalist round takes others
         outcome.run_id = run_id = self._start_run(trial, outcome)
         self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": outcome.params, "flops": flops})
         timer = Timer()
