@@ -332,6 +332,9 @@ def test_every_network_of_the_round_trains_with_one_recipe():
     assert finalists_module.round_seeds(study, 0, 3) == [1, 2, 3]
     study.add_trial(optuna.create_trial(value=0.4, user_attrs={**attrs, "val_acc": 0.4, "seed": 2}))
     assert finalists_module.round_seeds(study, 0, 3) == [1, 3, 4]
+    pruned = optuna.create_trial(state=TrialState.PRUNED, user_attrs={"state": "pruned", "seed": 3})
+    study.add_trial(pruned)  # it trained with seed 3 too, though it never finished
+    assert finalists_module.round_seeds(study, 0, 3) == [1, 4, 5]
 
 
 @pytest.mark.parametrize(

@@ -139,9 +139,11 @@ def pick_candidates(study: optuna.Study, goal: StudyObjective, settings: RoundSe
 
 
 def round_seeds(study: optuna.Study, base: int, count: int) -> list[int]:
-    """``count`` seeds after ``base`` that no trained search trial used: the round's runs start from other
-    weights and see other batch orders than the runs that got their networks selected."""
-    used = {int(t.user_attrs.get("seed", base)) for t in trial_states.complete(study)} | {base}
+    """``count`` seeds after ``base`` that no search trial trained with (complete, pruned or failed alike): the
+    round's runs start from other weights and see other batch orders than the runs that got their networks
+    selected. Trials from before the seed was recorded trained with the study's ``seed``, ``base``."""
+    trials = study.get_trials(deepcopy=False)
+    used = {int(t.user_attrs["seed"]) for t in trials if "seed" in t.user_attrs} | {base}
     seeds, candidate = [], base
     while len(seeds) < count:
         candidate += 1
