@@ -30,6 +30,7 @@ import optuna
 from bench_output import RESULTS, device_name, write_results
 from scipy import stats
 
+from nas import trial_states
 from nas.latency.measure import LatencySettings, cpu_name
 from nas.latency.table import LatencyTable, build_table
 from nas.search.verdicts import mean_interval
@@ -114,7 +115,7 @@ def summarise(study: optuna.Study, sampler: str, seed: int, wall: float) -> dict
         "seed": seed,
         "wall_s": wall,
         "trained": len(trained),
-        "draws": len(study.trials),
+        "draws": len(study.trials) + sum(r["count"] for _, r in trial_states.refusals(study)),  # refused too
         "best_search_acc": max((t.user_attrs["val_acc"] for t in trained), default=None),
         "after_startup_accs": [t.user_attrs["val_acc"] for t in trained if t.number >= STARTUP],
         "winner_trial": winner["trial"],

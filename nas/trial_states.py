@@ -15,6 +15,7 @@ PRUNED = "pruned"  # trained, stopped early by the pruner
 OVER_BUDGET = "infeasible"  # a draw over latency.budget_ms: never trained (the stored name predates the term)
 FAILED = "failed"
 SURPLUS = "surplus"  # another worker already trains the study's last network; nothing ran
+REFUSED_ATTR = "refused_draws"  # nas.search.screen: draws refused before a trial, kept on the trial
 STALE = "stale"  # a queued finalist run dropped before training: a rerun's round no longer holds it
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -59,10 +60,20 @@ def over_budget(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if state(t) == OVER_BUDGET]
 
 
+def refusals(study: optuna.Study) -> list[tuple[int, dict]]:
+    """(trial number, record) of every trial that the sampler's screen refused draws before: their count,
+    the fastest and a random one (``nas.search.screen``); the draws themselves never became trials."""
+    trials = study.get_trials(deepcopy=False)
+    return [(t.number, t.user_attrs[REFUSED_ATTR]) for t in trials if REFUSED_ATTR in t.user_attrs]
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials per outcome, for progress lines, the summary and the study run's metrics."""
+    """Outcomes, for progress lines, the summary and the study run's metrics: trials per state, and as
+    ``OVER_BUDGET`` every draw over the budget (the trials recorded over it and the draws refused before
+    a trial)."""
     out = {COMPLETE: 0, PRUNED: 0, OVER_BUDGET: 0, FAILED: 0}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+    for t in study.get_trials(deepcopy=False):
+        out[OVER_BUDGET] += int((t.user_attrs.get(REFUSED_ATTR) or {}).get("count", 0))
         s = state(t)
         if s in out:
             out[s] += 1

@@ -67,6 +67,21 @@ def test_chart_data_places_every_trial_by_what_it_is():
     assert mnas.budget_label == "target"
 
 
+def test_draws_refused_before_a_trial_are_marked_by_their_fastest_and_a_random_one(tmp_path):
+    """They never became trials: the trial after them holds their count and two of them, which the chart shows,
+    saying how many draws there were."""
+    study = _study()
+    trial = _trial("complete", 0.62, 1.1, 2.0)
+    trial.user_attrs["refused_draws"] = {"count": 40, "fastest_ms": 2.2, "fastest_arch": "a", "sample_ms": 4.0,
+                                         "sample_arch": "b"}  # fmt: skip
+    study.add_trial(trial)
+    data = chart_data(study, make_objective("accuracy", 2.0))
+    assert sorted(p.latency_ms for p in data.over_budget) == [2.2, 2.5, 3.0, 4.0]
+    assert data.over_budget_draws == 42
+    study_plots(study, tmp_path, make_objective("accuracy", 2.0))
+    assert "over budget, not trained (42; 4 shown)" in (tmp_path / "accuracy_vs_latency.html").read_text()
+
+
 def test_accuracy_latency_files(tmp_path):
     files = study_plots(_study(), tmp_path, make_objective("accuracy", 2.0))
     names = {f.name for f in files}

@@ -95,7 +95,9 @@ def test_four_trials_one_parent_four_nested_runs_then_resume(in_tmp, tiny_space,
 
 def test_seeded_studies_sample_the_same_architectures(in_tmp, tiny_space):
     # Draws over an impossible budget are not trained: what is compared is the sampling alone.
-    untrained = ("latency.budget_ms=0.0001", "search.precheck_budget=false", "search.max_draws_over_budget=3")
+    # One draw per trial: every arch drawn is in the study.
+    untrained = ("latency.budget_ms=0.0001", "search.precheck_budget=false", "search.max_draws_over_budget=3",
+                 "search.draws_per_trial=1")  # fmt: skip
     a = run_search(cfg_for(tiny_space, "trials=2", "study.name=a", "search.sampler=random", *untrained))
     b = run_search(cfg_for(tiny_space, "trials=2", "study.name=b", "search.sampler=random", *untrained))
     arch = lambda r: [t.user_attrs["arch"] for t in r.study.trials]  # noqa: E731
@@ -107,31 +109,42 @@ def test_seeded_studies_sample_the_same_architectures(in_tmp, tiny_space):
 def test_draws_over_an_impossible_budget_stop_the_search_naming_the_fastest(in_tmp, tiny_space, capsys):
     cfg = cfg_for(
         tiny_space, "trials=3", "latency.budget_ms=0.0001", "search.precheck_budget=false",
-        "search.max_draws_over_budget=4",
+        "search.max_draws_over_budget=7", "search.draws_per_trial=3", "latency.estimator=table",
+        "latency.calibrate=2", "search.enqueue_references=false", "search.startup_trials=1",
     )  # fmt: skip
     result = run_search(cfg)
     assert result.exit_code == EXIT_NO_FEASIBLE
-    fastest = min(t.user_attrs["latency_ms"] for t in result.study.trials)
+    # 3 draws for the first trial (two refused, the fastest kept over the budget), then, past the sampler's
+    # start-up of one trial, twice as many but only the 4 left of the streak of 7 for the second.
+    trials = result.study.trials
+    refused = [t.user_attrs["refused_draws"] for t in trials]
+    assert [r["count"] for r in refused] == [2, 3] and len(trials) == 2
+    fastest = min([t.user_attrs["latency_ms"] for t in trials] + [r["fastest_ms"] for r in refused])
     assert (
-        f"no architecture met the latency budget of 0.0001 ms in the last 4 draws (search.max_draws_over_budget=4, "
+        f"no architecture met the latency budget of 0.0001 ms in the last 7 draws (search.max_draws_over_budget=7, "
         f"the fastest {fastest:.4f} ms; 0/3 networks trained)" in result.message
     )
-    assert len(result.study.trials) == 4
-    for t in result.study.trials:
+    for t, r in zip(trials, refused, strict=True):
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert t.user_attrs["state"] == "infeasible" and t.constraints["latency_ms_over_budget"] > 0
         assert "val_acc" not in t.user_attrs
+        assert r["fastest_ms"] <= r["sample_ms"] and r["fastest_ms"] > 0.0001
+        assert t.user_attrs["latency_ms"] <= r["fastest_ms"]  # the trial kept is the fastest of its draws
     runs = runs_of("tiny-digits")
     assert [r.data.tags.get("nas.kind") for r in runs] == ["study"]  # no run per untrained draw
     parent = runs[0]
-    assert parent.data.metrics["n_over_budget"] == 4 and parent.data.metrics["n_trained"] == 0
+    assert parent.data.metrics["n_over_budget"] == 7 and parent.data.metrics["n_trained"] == 0
+    assert parent.data.metrics["n_refused_draws"] == 5
     assert parent.data.metrics["fastest_over_budget_ms"] == pytest.approx(fastest)
     path = client().download_artifacts(parent.info.run_id, "over_budget.json", str(in_tmp))
     table = json.loads(Path(path).read_text())
-    assert sorted(row[table["columns"].index("trial")] for row in table["data"]) == [0, 1, 2, 3]
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert sorted(r["trial"] for r in rows if r["kind"] == "trial") == [0, 1]
+    assert sorted(r["trial"] for r in rows if r["kind"] == "refused_fastest") == [0, 1]
+    assert [r["latency_ms"] for r in rows] == sorted(r["latency_ms"] for r in rows)
     captured = capsys.readouterr()
     assert "error: no architecture met the latency budget" in captured.err
-    assert "0 trained (0 complete, 0 pruned), 4 over budget (not trained)" in captured.out
+    assert "0 trained (0 complete, 0 pruned), 7 over budget (not trained)" in captured.out
 
 
 def test_unreachable_budget_is_refused_up_front(in_tmp, tiny_space):
@@ -149,28 +162,42 @@ def just_under_the_first_draw(space_file, cfg) -> float:
     return round(first * (1 - 1e-6), 9)
 
 
-def test_trials_counts_trained_networks_and_draws_over_budget_are_told_to_the_sampler(in_tmp, tiny_space, capsys):
+def test_trials_counts_trained_networks_and_draws_over_budget_are_refused_before_they_are_trials(
+    in_tmp, tiny_space, capsys
+):
     table = ("latency.estimator=table", "latency.calibrate=2", "search/sampler=random")
     budget = just_under_the_first_draw(tiny_space, cfg_for(tiny_space, *table))
     result = run_search(cfg_for(tiny_space, "trials=4", f"latency.budget_ms={budget}", *table))
     assert result.exit_code == 0
     trials = result.study.trials
     trained = [t for t in trials if t.user_attrs["state"] == "complete"]
-    over = [t for t in trials if t.user_attrs["state"] == "infeasible"]
-    assert len(trained) == 4 and over and len(trained) + len(over) == len(trials)
-    for t in trials:  # every draw records its latency and the constraint; only those within the budget trained
+    assert len(trained) == 4 and len(trials) == 4  # the draws over the budget never became trials
+    refused = [t.user_attrs.get("refused_draws") for t in trials]
+    assert refused[0] and refused[0]["fastest_ms"] > budget and refused[0]["sample_ms"] > budget  # the first draw
+    for t in trials:  # every trial records its latency and the constraint, and is within the budget
         assert t.constraints["latency_ms_over_budget"] == pytest.approx(t.user_attrs["latency_ms"] - budget)
-        assert (t in over) == (t.user_attrs["latency_ms"] > budget)
-        assert ("val_acc" in t.user_attrs) == (t in trained)
+        assert t.user_attrs["latency_ms"] <= budget and "val_acc" in t.user_attrs
     runs = [r for r in runs_of("tiny-digits") if r.data.tags.get("nas.kind") == "trial"]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [t.number for t in trained]
+    n_refused = sum(r["count"] for r in refused if r)
     out = capsys.readouterr().out
     assert out.count("] trial ") == 4 and "[4/4]" in out
-    assert f"4 trained (4 complete, 0 pruned), {len(over)} over budget (not trained)" in out
+    assert f"4 trained (4 complete, 0 pruned), {n_refused} over budget (not trained)" in out
     assert f"draw(s) over the {budget} ms budget, not trained" in out
     # Resuming for more trains exactly that many more networks.
     more = run_search(cfg_for(tiny_space, "trials=5", f"latency.budget_ms={budget}", *table))
     assert sum(t.user_attrs["state"] == "complete" for t in more.study.trials) == 5
+
+
+def test_every_draw_is_a_trial_with_one_draw_per_trial(in_tmp, tiny_space):
+    """search.draws_per_trial=1: the old path, every draw over the budget a trial the sampler learns from."""
+    table = ("latency.estimator=table", "latency.calibrate=2", "search/sampler=random")
+    budget = just_under_the_first_draw(tiny_space, cfg_for(tiny_space, *table))
+    result = run_search(cfg_for(tiny_space, "trials=2", f"latency.budget_ms={budget}", "search.draws_per_trial=1",
+                                *table))  # fmt: skip
+    over = [t for t in result.study.trials if t.user_attrs["state"] == "infeasible"]
+    assert over and over[0].number == 0 and not any("refused_draws" in t.user_attrs for t in result.study.trials)
+    assert all(t.constraints["latency_ms_over_budget"] > 0 for t in over)
 
 
 def test_draws_near_the_budget_are_measured_before_they_are_judged(in_tmp, tiny_space, capsys):
@@ -192,7 +219,10 @@ def test_draws_near_the_budget_are_measured_before_they_are_judged(in_tmp, tiny_
         assert ua.get("budget_decision_changed", False) == flipped
         assert (ua["state"] == "infeasible") == (ua["latency_ms"] > budget)  # judged by the figure it records
     judged, measured, changed = verified_counts(result.study)
-    assert judged == len(result.study.trials) and measured >= 1
+    refused = [t.user_attrs["refused_draws"] for t in result.study.trials if "refused_draws" in t.user_attrs]
+    assert judged == len(result.study.trials) + sum(r["count"] for r in refused)  # refused draws were judged too
+    near = sum("latency_measured_ms" in t.user_attrs for t in result.study.trials)
+    assert measured == near + sum(r["measured"] for r in refused) and measured >= 1
     out = capsys.readouterr().out
     assert "draws predicted within ±30.0% of the budget are measured in torch before they are judged" in out
     assert f"latency near the budget: {measured} of {judged} draws measured on the target" in out

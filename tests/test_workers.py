@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from nas import trial_states
 from nas.errors import NasError
 from nas.search import workers
 from nas.search.runner import run_search
@@ -70,7 +71,9 @@ def test_two_workers_share_a_sqlite_study_with_a_budget(in_tmp, tiny_space):
                                     "search.fidelity_sample=0"))  # fmt: skip
     assert result.exit_code == 0
     _check_exact(result.study, f"sqlite:///{in_tmp}/outputs/mlflow.db", 5)
-    assert any(t.user_attrs.get("state") == "infeasible" for t in result.study.trials)
+    # Draws over the budget were refused before they became trials, in both processes' samplers.
+    assert trial_states.counts(result.study)[trial_states.OVER_BUDGET] > 0
+    assert all(t.user_attrs["latency_ms"] <= budget for t in trial_states.trained(result.study))
     # The finalist round ran in the same two processes: each (finalist, seed) run trained exactly once.
     jobs = optuna.load_study(study_name="tiny-digits.finalists", storage="sqlite:///outputs/optuna.db").trials
     trained = [t for t in jobs if t.state == TrialState.COMPLETE]

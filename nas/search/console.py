@@ -95,24 +95,36 @@ def trial_line(
 class DrawReporter:
     """Draws over the budget take a fraction of a second each and may outnumber the trained networks:
     they are not printed one by one but summarised, at most every ``every_s`` seconds and before the
-    next trained network's line."""
+    next trained network's line. A draw is a trial over the budget or one refused before a trial."""
 
     def __init__(self, budget_ms: float | None, every_s: float = 15.0) -> None:
         self.budget_ms = budget_ms
         self.every_s = every_s
         self.streak = 0  # consecutive draws over the budget
         self.fastest: float | None = None  # the fastest draw of the streak
-        self.pending: list[TrialOutcome] = []
+        self.pending, self.pending_fastest, self.pending_refs = 0, None, []  # since the last summary line
         self.last_print = time.monotonic()
 
     def reset(self) -> None:
         self.streak, self.fastest = 0, None
 
     def add(self, outcome: TrialOutcome) -> None:
-        self.streak += 1
-        if outcome.latency_ms is not None:
-            self.fastest = min(outcome.latency_ms, self.fastest or outcome.latency_ms)
-        self.pending.append(outcome)
+        """The draws refused before this trial, and the trial itself when it is over the budget."""
+        latencies = [outcome.refused.fastest[0]] if outcome.refused.fastest else []
+        over = outcome.state == trial_states.OVER_BUDGET
+        if over and outcome.latency_ms is not None:
+            latencies.append(outcome.latency_ms)
+        if over and outcome.reference:
+            self.pending_refs.append(outcome.reference)
+        n = outcome.refused.count + over
+        if not n:
+            return
+        self.streak += n
+        self.pending += n
+        fastest = min(latencies, default=None)
+        if fastest is not None:
+            self.fastest = min(fastest, self.fastest or fastest)
+            self.pending_fastest = min(fastest, self.pending_fastest or fastest)
         if time.monotonic() - self.last_print >= self.every_s:
             print(self.flush().rstrip("\n"), flush=True)
 
@@ -121,13 +133,13 @@ class DrawReporter:
         self.last_print = time.monotonic()
         if not self.pending:
             return ""
-        fastest = min(o.latency_ms for o in self.pending if o.latency_ms is not None)
-        refs = [o.reference for o in self.pending if o.reference]
+        refs = self.pending_refs
+        fastest = "" if self.pending_fastest is None else f"fastest {self.pending_fastest:.3f} ms"
         text = (
-            f"      {len(self.pending)} draw(s) over the {self.budget_ms} ms budget, not trained "
-            f"(fastest {fastest:.3f} ms{'; ' + ', '.join(refs) if refs else ''})\n"
+            f"      {self.pending} draw(s) over the {self.budget_ms} ms budget, not trained "
+            f"({fastest}{'; ' + ', '.join(refs) if refs else ''})\n"
         )
-        self.pending = []
+        self.pending, self.pending_fastest, self.pending_refs = 0, None, []
         return text
 
     def give_up_message(self, trained: int, target: int, limit: int) -> str:

@@ -31,6 +31,7 @@ from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
 from nas.search.hparams import resolve_hparams, sample_hparams
 from nas.search.pruning import ReportToPruner
+from nas.search.screen import REFUSED_ATTR, BudgetScreen, Draft, Refusals
 from nas.search.study import is_surplus, worker_index
 from nas.space import Arch, Space, decode
 from nas.tracking.trials import EpochMetricsToMlflow, StudyTracker, TrackingError
@@ -62,6 +63,7 @@ class TrialOutcome:
     reference: str | None = None
     run_id: str | None = None
     epochs: int | None = None  # epochs trained (fewer than train.epochs when pruned)
+    refused: Refusals = field(default_factory=Refusals)  # draws over the budget refused before this trial
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -119,6 +121,7 @@ class Objective:
     num_classes: int
     goal: StudyObjective
     outcomes: list[TrialOutcome] = field(default_factory=list)
+    screen: BudgetScreen | None = None  # set by screen_draws(): over-budget draws refused before trials
     _datamodule: TensorImageDataModule | None = None
     _data_key: str | None = None
 
@@ -147,13 +150,45 @@ class Objective:
         self.splits, self._datamodule, self._data_key = None, None, None
         free_trial_memory()
 
+    def draw(self, source: Any) -> tuple[Arch, dict[str, Any]]:
+        """One candidate from an Optuna trial or the screen's draft: the architecture, then the hyperparameters
+        (the same suggestions in the same order either way, so a drafted candidate is what the trial holds)."""
+        return self.space.sample(source), sample_hparams(source, self.hparam_space)
+
+    def judge(self, arch: Arch) -> tuple[float, dict[str, Any]]:
+        """The latency estimate and what it was made of (predicted and measured, near the budget)."""
+        latency = self.estimator.latency_ms(arch)
+        return latency, dict(getattr(self.estimator, "details", {}))
+
+    def screen_draws(self, study: optuna.Study) -> None:
+        """Put the screen in front of the study's sampler, where a hard budget makes draws worth refusing
+        (search.draws_per_trial; 1: every draw a trial)."""
+        attempts, limit = int(self.cfg.search.draws_per_trial), int(self.cfg.search.max_draws_over_budget)
+        if not self.goal.hard_budget or attempts <= 1:
+            return
+        seed = int(self.cfg.seed) + 7_919 * worker_index(self.cfg)
+        draw = lambda source: self.draw(source)[0]  # noqa: E731
+        steady = int(self.cfg.search.startup_trials)
+        over = self.goal.is_over_budget
+        self.screen = BudgetScreen(study.sampler, draw, self.judge, over, attempts, limit, seed, steady)
+        study.sampler = self.screen
+
     def _arch_and_cfg(self, trial: optuna.Trial) -> tuple[Arch, DictConfig, str | None]:
         reference = trial.user_attrs.get("reference")
         if reference is not None:  # an enqueued yardstick: its own arch, the default recipe
             return decode(trial.user_attrs["arch"]), self.cfg, reference
-        arch = self.space.sample(trial)
-        hparams = sample_hparams(trial, self.hparam_space)
+        arch, hparams = self.draw(trial)
         return arch, apply_hparams(self.cfg, hparams), None
+
+    def _take_draft(self, trial: optuna.Trial, outcome: TrialOutcome) -> Draft | None:
+        """The screen's judged candidate for this trial, and the draws it refused on the way (kept on the trial)."""
+        draft = self.screen.take(trial.number) if self.screen else None
+        if draft is None or draft.arch != outcome.arch:
+            return None
+        if draft.refused.count:
+            outcome.refused = draft.refused
+            trial.set_user_attr(REFUSED_ATTR, draft.refused.record())
+        return draft
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t0 = time.perf_counter()
@@ -220,14 +255,14 @@ class Objective:
             params["reference"] = reference
         return self.tracker.start_trial(trial.number, params, {"nas.reference": reference} if reference else {})
 
-    def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch) -> float:
-        """Latency and params, known before any training (the constraint goes to the sampler); cheap,
-        because most draws under a tight budget end right here."""
+    def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch, draft: Draft | None) -> float:
+        """Latency and params, known before any training (the constraint goes to the sampler); a drafted
+        candidate was judged by the screen already."""
         params = arch_params(arch, self.num_classes)  # builds the network: an unbuildable one fails here
-        latency = self.estimator.latency_ms(arch)
+        latency, details = (draft.latency_ms, draft.details) if draft else self.judge(arch)
         outcome.latency_ms, outcome.params = latency, params
         trial.set_user_attr("latency_ms", latency)
-        for key, value in getattr(self.estimator, "details", {}).items():  # predicted and measured near the budget
+        for key, value in details.items():  # predicted and measured near the budget
             trial.set_user_attr(key, value)
         trial.set_user_attr("params", params)
         if self.goal.hard_budget:
@@ -247,7 +282,7 @@ class Objective:
         arch, cfg, reference = self._arch_and_cfg(trial)
         outcome.arch, outcome.reference = arch.encode(), reference
         trial.set_user_attr("arch", outcome.arch)
-        latency = self._measure(trial, outcome, arch)
+        latency = self._measure(trial, outcome, arch, self._take_draft(trial, outcome))
         if self.goal.is_over_budget(latency):
             outcome.state = trial_states.OVER_BUDGET
             trial.set_user_attr("state", trial_states.OVER_BUDGET)

@@ -212,6 +212,7 @@ def open_session(cfg: DictConfig) -> Session:
         if created and cfg.search.enqueue_references:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
+    objective.screen_draws(study)
     return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds, phase)
 
 
@@ -301,13 +302,11 @@ def _trial_loop(
 
     def report(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         outcome = objective.outcomes[-1]
-        if outcome.state == trial_states.SURPLUS:  # another worker took the last slot: nothing ran
-            return
-        if outcome.state == trial_states.OVER_BUDGET:
-            draws.add(outcome)
+        draws.add(outcome)  # the draws refused before it, and itself when over the budget
+        if outcome.state in (trial_states.SURPLUS, trial_states.OVER_BUDGET):  # surplus: nothing ran
             return
         best = goal.ranked(study)
-        over = len(trial_states.over_budget(study))
+        over = trial_states.counts(study)[trial_states.OVER_BUDGET]
         line = trial_line(outcome, trial_states.count_trained(study), target, best[0] if best else None, goal, over)
         print(draws.flush() + line, flush=True)
 

@@ -72,6 +72,12 @@ def check_search_cfg(cfg: DictConfig) -> None:
         value = cfg.search.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise NasError(f"search.{key}={value!r} must be a whole number >= 0")
+    draws = cfg.search.get("draws_per_trial", 1)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise NasError(
+            f"search.draws_per_trial={draws!r} must be a whole number >= 1 (draws one trial may refuse over the "
+            f"latency budget; 1: every draw is a trial)"
+        )
     if int(cfg.train.get("devices", 1)) != 1 or int(cfg.train.get("num_nodes", 1)) != 1:
         raise NasError(
             "a search trains each trial on one device: drop train.devices/train.num_nodes (they are for "

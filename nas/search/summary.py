@@ -32,15 +32,23 @@ class SearchResult:
 
 
 def _fastest_draw(study: optuna.Study) -> float | None:
-    draws = trial_states.over_budget(study)
-    return min(t.user_attrs["latency_ms"] for t in draws) if draws else None
+    latencies = [t.user_attrs["latency_ms"] for t in trial_states.over_budget(study)]
+    latencies += [r["fastest_ms"] for _, r in trial_states.refusals(study)]
+    return min(latencies, default=None)
 
 
 def verified_counts(study: optuna.Study) -> tuple[int, int, int]:
     """Draws the table judged, those measured because they were near the budget, and the budget decisions
-    the measurement changed (latency.verify_band)."""
+    the measurement changed (latency.verify_band): the trials' own, and those of the draws refused before them."""
     judged = [t.user_attrs for t in study.get_trials(deepcopy=False) if PREDICTED_ATTR in t.user_attrs]
-    return len(judged), sum(MEASURED_ATTR in a for a in judged), sum(bool(a.get(CHANGED_ATTR)) for a in judged)
+    if not judged:  # no table judged this study's draws
+        return 0, 0, 0
+    refused = [r for _, r in trial_states.refusals(study)]
+    return (
+        len(judged) + sum(r["count"] for r in refused),
+        sum(MEASURED_ATTR in a for a in judged) + sum(r.get("measured", 0) for r in refused),
+        sum(bool(a.get(CHANGED_ATTR)) for a in judged) + sum(r.get("changed", 0) for r in refused),
+    )
 
 
 def verified_line(study: optuna.Study) -> list[str]:
@@ -51,23 +59,35 @@ def verified_line(study: optuna.Study) -> list[str]:
             f"judged (latency.verify_band); the measurement changed {changed} budget decisions"]  # fmt: skip
 
 
-def _log_over_budget(study: optuna.Study, tracker: StudyTracker) -> None:
+def over_budget_table(study: optuna.Study) -> dict[str, list]:
+    """Every trial over the budget, and for each trial the screen refused draws before, the fastest of them
+    and one drawn at random (``kind``: trial | refused_fastest | refused_sample; a refused draw was never
+    built, so it has no parameter count), fastest first."""
+    rows = [(t.user_attrs["latency_ms"], t.number, "trial", t.user_attrs["params"], t.user_attrs.get("reference") or "",
+             t.user_attrs["arch"]) for t in trial_states.over_budget(study)]  # fmt: skip
+    for number, r in trial_states.refusals(study):
+        rows.append((r["fastest_ms"], number, "refused_fastest", None, "", r["fastest_arch"]))
+        if r["sample_arch"] != r["fastest_arch"]:
+            rows.append((r["sample_ms"], number, "refused_sample", None, "", r["sample_arch"]))
+    rows.sort(key=lambda row: row[0])
+    keys = ("latency_ms", "trial", "kind", "params", "reference", "arch")
+    return {key: [row[i] for row in rows] for i, key in enumerate(keys)}
+
+
+def _log_over_budget(study: optuna.Study, tracker: StudyTracker, draws: int) -> None:
     """Draws over the budget get no run of their own (they would bury the trained networks): the study's
-    run holds their count, the fastest of them and a table of all."""
-    draws = sorted(trial_states.over_budget(study), key=lambda t: t.user_attrs["latency_ms"])
+    run holds their count (``draws``: trials over the budget and refused draws), the fastest of them and a
+    table of the trials and of a sample of the refused draws."""
     if not tracker.parent_run_id:
         return
-    tracker.log_metrics(tracker.parent_run_id, {"n_over_budget": len(draws)})
-    if not draws:
+    tracker.log_metrics(tracker.parent_run_id, {"n_over_budget": draws})
+    table = over_budget_table(study)
+    if not table["trial"]:
         return
-    tracker.log_metrics(tracker.parent_run_id, {"fastest_over_budget_ms": draws[0].user_attrs["latency_ms"]})
-    table = {
-        "trial": [t.number for t in draws],
-        "latency_ms": [t.user_attrs["latency_ms"] for t in draws],
-        "params": [t.user_attrs["params"] for t in draws],
-        "reference": [t.user_attrs.get("reference") or "" for t in draws],
-        "arch": [t.user_attrs["arch"] for t in draws],
-    }
+    refused = sum(r["count"] for _, r in trial_states.refusals(study))
+    tracker.log_metrics(
+        tracker.parent_run_id, {"fastest_over_budget_ms": table["latency_ms"][0], "n_refused_draws": refused}
+    )
     tracker.log_parent_table(table, "over_budget.json")
 
 
@@ -112,7 +132,7 @@ def _log_front(tracker: StudyTracker, front: list) -> None:
 
 
 def _no_feasible_message(study: optuna.Study, goal: StudyObjective) -> str:
-    n, fastest = len(trial_states.over_budget(study)), _fastest_draw(study)
+    n, fastest = trial_states.counts(study)[trial_states.OVER_BUDGET], _fastest_draw(study)
     return (
         f"no architecture met the latency budget of {goal.budget_ms} ms: {n} draws were over it "
         f"(fastest {fastest:.4f} ms). Raise latency.budget_ms or use a smaller space"
@@ -136,7 +156,7 @@ def _record_study(
              "n_complete": counts[trial_states.COMPLETE], "n_pruned": counts[trial_states.PRUNED],
              "n_failed": counts[trial_states.FAILED]},
         )  # fmt: skip
-    _log_over_budget(study, tracker)
+    _log_over_budget(study, tracker, counts[trial_states.OVER_BUDGET])
     judged, measured, changed = verified_counts(study)
     if tracker.parent_run_id and judged:
         tracker.log_metrics(tracker.parent_run_id, {"n_verify_measured": measured, "n_verify_changed": changed})

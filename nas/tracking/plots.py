@@ -50,7 +50,8 @@ class Point:
 class ChartData:
     complete: list[Point] = field(default_factory=list)
     pruned: list[Point] = field(default_factory=list)
-    over_budget: list[Point] = field(default_factory=list)
+    over_budget: list[Point] = field(default_factory=list)  # trials over it, and a sample of the refused draws
+    over_budget_draws: int = 0  # every draw over the budget, refused or kept
     front: list[Point] = field(default_factory=list)
     budget_ms: float | None = None
     budget_label: str = "budget"
@@ -90,9 +91,19 @@ def chart_data(study: optuna.Study, goal: StudyObjective) -> ChartData:
         elif point.val_acc is not None:
             data.pruned.append(point)
     data.over_budget = [_point(t) for t in trial_states.over_budget(study)]
+    for number, r in trial_states.refusals(study):  # refused draws were never trials: the fastest and a random one
+        data.over_budget.append(Point(float(r["fastest_ms"]), None, number))
+        if r["sample_arch"] != r["fastest_arch"]:
+            data.over_budget.append(Point(float(r["sample_ms"]), None, number))
+    data.over_budget_draws = trial_states.counts(study)[trial_states.OVER_BUDGET]
     feasible = [p for p in data.complete if not goal.is_over_budget(p.latency_ms)]
     data.front = front_of(feasible)
     return data
+
+
+def _over_budget_label(data: ChartData) -> str:
+    shown, drawn = len(data.over_budget), max(data.over_budget_draws, len(data.over_budget))
+    return f"over budget, not trained ({drawn}" + (f"; {shown} shown)" if shown < drawn else ")")
 
 
 def _labelled(data: ChartData) -> list[Point]:
@@ -120,7 +131,7 @@ def _draw_accuracy_latency(data: ChartData, path: Path) -> None:
     if data.over_budget:  # ticks along the bottom edge: their accuracy is unknown, not zero
         ax.scatter([p.latency_ms for p in data.over_budget], [0.015] * len(data.over_budget), marker="|", s=160,
                    color="tab:red", transform=ax.get_xaxis_transform(), clip_on=False,
-                   label=f"over budget, not trained ({len(data.over_budget)})", zorder=3)  # fmt: skip
+                   label=_over_budget_label(data), zorder=3)  # fmt: skip
     if data.budget_ms is not None:
         ax.axvline(data.budget_ms, color="tab:red", ls="--", lw=1.2, label=f"{data.budget_label} {data.budget_ms} ms")
     for p in _labelled(data):
@@ -161,7 +172,7 @@ def accuracy_latency_html(data: ChartData, path: Path) -> None:
         [p.val_acc for p in data.complete])  # fmt: skip
     add(data.pruned, f"pruned, at its last epoch ({len(data.pruned)})",
         {"size": 9, "symbol": "triangle-down-open", "color": "gray"}, [p.val_acc for p in data.pruned])  # fmt: skip
-    add(data.over_budget, f"over budget, not trained ({len(data.over_budget)})",
+    add(data.over_budget, _over_budget_label(data),
         {"size": 14, "symbol": "line-ns-open", "color": "crimson"}, [low] * len(data.over_budget))  # fmt: skip
     labelled = _labelled(data)
     if labelled:
