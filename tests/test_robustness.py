@@ -317,6 +317,11 @@ BAD_INPUT = [
     ("trials=-1", lambda t: ["+space=mbv3", "trials=-1"], "trials=-1 must be a whole number >= 0"),
     ("trials=abc", lambda t: ["+space=mbv3", "trials=abc"], "trials='abc' must be a whole number >= 0"),
     (
+        "draws_per_trial=0",
+        lambda t: ["+space=mbv3", "search.draws_per_trial=0"],
+        "search.draws_per_trial=0 must be a whole number >= 1 (draws one trial may refuse",
+    ),
+    (
         "impossible budget",
         lambda t: [_bad_space(t, TINY_SPACE), "latency.budget_ms=0.00001"],
         "latency.budget_ms=1e-05 cannot be met: the cheapest network of space bad takes",
