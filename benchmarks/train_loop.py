@@ -7,7 +7,7 @@ Both use the same architecture (MobileNetV3-Small adapted to 32 px), batch size,
 (SGD, Nesterov), channels-last choice and on-device augmentation; the plain loop is what a user
 would write by hand. On a GPU the pipeline is timed twice: eager, and with ``train.cuda_graph=true``
 (the whole step captured as one CUDA graph). Each is run once to warm up, then timed. Writes
-benchmarks/results/train_loop-<device>.json and .md.
+benchmarks/results/train_loop-<device>.json and .md after each pipeline variant.
 """
 
 from __future__ import annotations
@@ -76,18 +76,23 @@ def main(overrides: list[str]) -> None:
     pipelines = {"pipeline (Lightning + TensorImageDataModule)": cfg}
     if graph_cfg is not None:
         pipelines["pipeline, train.cuda_graph=true"] = graph_cfg
-    for variant in pipelines.values():  # warm-up (allocator, kernels)
-        pipeline_epoch(variant, arch, dm)
-    plain_epoch(cfg, arch, dm)
+    plain_epoch(cfg, arch, dm)  # warm-up (allocator, kernels)
     plain = min(plain_epoch(cfg, arch, dm) for _ in range(2))
-    timed = {name: min(pipeline_epoch(variant, arch, dm) for _ in range(2)) for name, variant in pipelines.items()}
+    timed: dict[str, float] = {}
+    for name, variant in pipelines.items():  # the figures are written after each, so a cut run keeps the first
+        pipeline_epoch(variant, arch, dm)  # warm-up
+        timed[name] = min(pipeline_epoch(variant, arch, dm) for _ in range(2))
+        report(overrides, arch.resolution, images, dm.batch_size, plain, timed)
+
+
+def report(overrides: list[str], resolution: int, images: int, batch: int, plain: float, timed: dict) -> None:
     device = device_name()
     result = {
         "device": device,
         "torch": torch.__version__,
         "overrides": overrides,
         "images": images,
-        "batch_size": dm.batch_size,
+        "batch_size": batch,
         "plain_s": plain,
         "plain_images_per_s": images / plain,
         "pipelines": {
@@ -97,8 +102,8 @@ def main(overrides: list[str]) -> None:
     rows = "".join(f"| {name} | {t:.2f} | {images / t:.0f} | {t / plain:.3f} |\n" for name, t in timed.items())
     text = (
         f"# One training epoch on {device}: pipeline vs plain PyTorch loop\n\n"
-        f"`python benchmarks/train_loop.py {' '.join(overrides)}` (MobileNetV3-Small at {arch.resolution} px, "
-        f"{images} images, batch {dm.batch_size}, torch {torch.__version__}; best of 2 after a warm-up)\n\n"
+        f"`python benchmarks/train_loop.py {' '.join(overrides)}` (MobileNetV3-Small at {resolution} px, "
+        f"{images} images, batch {batch}, torch {torch.__version__}; best of 2 after a warm-up)\n\n"
         f"| loop | seconds | images/s | ratio to plain |\n|---|---|---|---|\n"
         f"{rows}| plain PyTorch loop (eager) | {plain:.2f} | {images / plain:.0f} | 1 |\n"
     )

@@ -43,6 +43,21 @@ def test_cuda_graph_latency_of_a_network_beats_eager_launches_and_covers_table_c
         assert 0 < stats.median_ms < graphed.median_ms
 
 
+class SyncsWithTheHost(torch.nn.Module):
+    """A layer that reads a value back to the host in its forward pass: CUDA cannot capture that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum().item() >= 0 else x
+
+
+def test_a_network_that_cannot_be_captured_is_timed_eagerly_and_says_so(capsys):
+    stats = measure_module(SyncsWithTheHost(), (1, 3, 8, 8), graph_settings())
+    assert stats.mode == "eager" and stats.fallback and stats.median_ms > 0
+    assert "warning: CUDA-graph capture of the network failed" in capsys.readouterr().err
+    captured = measure_arch(decode(TINY_ARCH), 10, graph_settings())  # the CUDA context still captures
+    assert captured.mode == "cudagraph" and captured.fallback is None
+
+
 BASE = ("data=digits", "train.epochs=1", "train.limit_train_images=256", "train.accelerator=gpu", "train.dropout=0.0")
 ONE_CYCLE = ("train/schedule=onecycle", "train.schedule.cycle_momentum=false")
 

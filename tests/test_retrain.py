@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -504,6 +505,7 @@ def test_the_registered_model_serves_raw_images_through_mlflow(in_tmp, monkeypat
 
     port = free_port()
     env = subprocess_env() | {"MLFLOW_TRACKING_URI": uri}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # its uvicorn, venv active or not
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

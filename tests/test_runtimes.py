@@ -181,6 +181,60 @@ def test_a_network_the_runtime_cannot_run_fails_its_trial_with_the_reason_and_th
     assert len(reasons) == len(failed) and all("HardSigmoid" in r for r in reasons)
 
 
+def test_a_network_whose_cuda_graph_capture_fails_is_timed_eagerly_with_one_warning(capsys):
+    from nas.latency.runtime import TorchSampler
+    from tests.runtime_doubles import CAPTURE_ERROR, failing_capture
+
+    model, x = build(decode(TINY_ARCH), 10).eval(), torch.randn(1, 3, 16, 16)
+    settings = LatencySettings(**QUICK)
+    replays = []
+    captured = TorchSampler(model, x, settings, capture=lambda m, t: lambda: replays.append(1))
+    captured.mode = "cudagraph"  # as on CUDA: a CPU has no graphs to capture
+    assert len(captured()) == 5 and len(replays) == 2 + 5 and captured.fallback is None  # the replay is timed
+    sampler = TorchSampler(model, x, settings, capture=failing_capture)
+    sampler.mode = "cudagraph"
+    with torch.no_grad():
+        assert torch.equal(sampler.runner()(), model(x))  # the network itself, eagerly
+    assert sampler.mode == "eager" and sampler.fallback == f"CUDA error: {CAPTURE_ERROR}"
+    assert len(sampler()) == 5  # captured once: no second warning for the next measurement
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: CUDA-graph capture of the network failed (CUDA error: {CAPTURE_ERROR}); its latency "
+                   "is measured eagerly (launch overhead included)"]  # fmt: skip
+
+    def out_of_memory(m, t):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    oom = TorchSampler(model, x, settings, capture=out_of_memory)
+    oom.mode = "cudagraph"
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not a capture problem: the trial fails as out of memory
+        oom()
+
+
+def test_a_figure_timed_eagerly_after_a_failed_capture_says_so_on_the_trial_and_finalist_runs(in_tmp, micro_space):
+    from tests.runtime_doubles import CAPTURE_ERROR
+
+    double = "tests.runtime_doubles.TorchRuntimeWhoseCaptureFails"
+    stats = measure_arch(decode(TINY_ARCH), 10, LatencySettings(runtime=make_runtime({"_target_": double}), **QUICK))
+    assert (stats.mode, stats.fallback) == ("eager", f"CUDA error: {CAPTURE_ERROR}")
+    result = run_search(compose_cfg(f"+space={micro_space}", *FAST, "trials=2", "latency.estimator=measure",
+                                    f"latency.runtime._target_={double}",
+                                    "search.enqueue_references=false", "search.finalists=1", "search.finalist_seeds=1",
+                                    "search.fidelity_sample=0", "search.finalist_epochs=1"))  # fmt: skip
+    assert result.exit_code == 0
+    trained = [t for t in result.study.trials if t.user_attrs.get("state") == "complete"]
+    assert len(trained) == 2
+    for t in trained:
+        assert t.user_attrs["latency_mode"] == "eager"
+        assert t.user_attrs["latency_mode_fallback"] == f"CUDA error: {CAPTURE_ERROR}"
+    client = MlflowClient(f"sqlite:///{in_tmp}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name(result.study.study_name)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    kinds = {r.data.tags.get("nas.kind") for r in runs if "nas.latency_mode" in r.data.tags}
+    assert {"trial", "finalist"} <= kinds, [r.data.tags for r in runs]
+    assert all(r.data.tags["nas.latency_mode"] == f"eager fallback: CUDA error: {CAPTURE_ERROR}"
+               for r in runs if "nas.latency_mode" in r.data.tags)  # fmt: skip
+
+
 def test_a_study_keeps_its_runtime_and_refuses_another_by_name(in_tmp, micro_space):
     run_search(compose_cfg(f"+space={micro_space}", *FAST, "trials=1", "latency/runtime=onnxruntime"))
     study = optuna.load_study(study_name="micro-digits", storage="sqlite:///outputs/optuna.db")

@@ -84,6 +84,9 @@ def _measure(cfg: DictConfig) -> None:
         f"[{settings.key_fields()}]; "
         f"{c.params / 1e6:.2f} M params, {c.mflops:.1f} MFLOPs"
     )
+    if stats.fallback:
+        print(f"  timed {stats.mode}, not {settings.effective_mode}: the network's CUDA-graph capture failed "
+              f"({stats.fallback})")  # fmt: skip
 
 
 @user_errors

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from nas.errors import NasError
 from nas.latency.fidelity import error_band, report_path
-from nas.latency.measure import LatencySettings, measure_arch
+from nas.latency.measure import LatencySettings, LatencyStats, measure_arch
 from nas.latency.runtime import Runtime, make_runtime
 from nas.latency.table import LatencyTable, LayerModel, build_table
 from nas.space import Arch, Space
@@ -18,10 +18,16 @@ from nas.space import Arch, Space
 ESTIMATORS = ("measure", "table")
 # What a trial records when its prediction was close enough to the budget to be measured (latency.verify_band).
 PREDICTED_ATTR, MEASURED_ATTR, CHANGED_ATTR = "latency_predicted_ms", "latency_measured_ms", "budget_decision_changed"
+# What a measured figure was timed in (cudagraph, eager, a runtime's name), and why not the configured mode.
+MODE_ATTR, MODE_FALLBACK_ATTR = "latency_mode", "latency_mode_fallback"
 
 
 class LatencyEstimator(Protocol):
+    """``details`` says what the last figure was made of (prediction, measurement, the mode it was timed in),
+    for the trial to record."""
+
     settings: LatencySettings
+    details: dict[str, object]
 
     def latency_ms(self, arch: Arch) -> float: ...
 
@@ -47,14 +53,20 @@ def settings_from_cfg(cfg: DictConfig, runtime: Runtime | None = None) -> Latenc
 class MeasuredLatency:
     """Builds and times the whole network on the target: exact, but costs a measurement per trial."""
 
-    details: dict[str, object] = {}  # noqa: RUF012 -- read only: what the last figure was made of
-
     def __init__(self, settings: LatencySettings, num_classes: int) -> None:
         self.settings = settings
         self.num_classes = num_classes
+        self.details: dict[str, object] = {}
 
     def latency_ms(self, arch: Arch) -> float:
-        return measure_arch(arch, self.num_classes, self.settings).median_ms
+        stats = measure_arch(arch, self.num_classes, self.settings)
+        self.details = mode_details(stats)
+        return stats.median_ms
+
+
+def mode_details(stats: LatencyStats) -> dict[str, object]:
+    """The mode a measurement was timed in, and why it is not the configured one when capture failed."""
+    return {MODE_ATTR: stats.mode, **({MODE_FALLBACK_ATTR: stats.fallback} if stats.fallback else {})}
 
 
 class TableLatency:
@@ -89,7 +101,7 @@ class VerifiedLatency:
         if self.band <= 0 or abs(predicted - self.budget_ms) > self.band * self.budget_ms:
             return predicted
         measured = self.measured.latency_ms(arch)
-        self.details[MEASURED_ATTR] = measured
+        self.details |= {MEASURED_ATTR: measured, **self.measured.details}
         if (predicted <= self.budget_ms) != (measured <= self.budget_ms):
             self.details[CHANGED_ATTR] = True
         return measured

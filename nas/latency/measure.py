@@ -101,6 +101,8 @@ class LatencyStats:
     cv: float  # standard deviation / mean of the timed samples
     samples: int
     attempts: int = 1  # measurements taken (more than one when the first were noisier than max_cv)
+    mode: str = ""  # what produced the figure: cudagraph, eager or the runtime's name
+    fallback: str | None = None  # why mode is not the configured one (a network whose capture failed)
 
 
 def _stats(samples_ms: list[float]) -> LatencyStats:
@@ -119,7 +121,8 @@ def measure_module(model: nn.Module, input_shape: tuple[int, ...], settings: Lat
     """Median latency of ``model`` in the settings' runtime on a random input of ``input_shape`` (batch
     dimension included); taken again (up to ATTEMPTS in all) while its spread exceeds ``max_cv``, keeping the
     steadiest attempt. A network the runtime cannot compile raises :class:`nas.latency.runtime.RuntimeRefused`."""
-    return steadiest(settings.runtime.prepare(model, input_shape, settings), settings.max_cv)
+    take = settings.runtime.prepare(model, input_shape, settings)
+    return _labelled(steadiest(take, settings.max_cv), take, settings)
 
 
 def measure_file(path: Path, input_shape: tuple[int, ...], settings: LatencySettings) -> LatencyStats:
@@ -128,7 +131,14 @@ def measure_file(path: Path, input_shape: tuple[int, ...], settings: LatencySett
     if not hasattr(runtime, "prepare_file"):
         raise NasError(f"latency runtime {runtime.label()} does not execute ONNX files")
     file_runtime: FileRuntime = runtime  # type: ignore[assignment]
-    return steadiest(file_runtime.prepare_file(path, input_shape, settings), settings.max_cv)
+    take = file_runtime.prepare_file(path, input_shape, settings)
+    return _labelled(steadiest(take, settings.max_cv), take, settings)
+
+
+def _labelled(stats: LatencyStats, take: Callable[[], list[float]], settings: LatencySettings) -> LatencyStats:
+    """The mode the sampler timed in: its own word where it has one (PyTorch falls back to eager when a network
+    cannot be captured), else the settings'."""
+    return replace(stats, mode=getattr(take, "mode", settings.effective_mode), fallback=getattr(take, "fallback", None))
 
 
 def steadiest(take: Callable[[], list[float]], max_cv: float, attempts: int = ATTEMPTS) -> LatencyStats:

@@ -10,6 +10,7 @@ it turns a network, or an ONNX file, into a function that takes timed samples.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -143,6 +144,52 @@ def _cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return graph.replay
 
 
+def capture_failure(err: BaseException) -> str:
+    """The first line of why a capture failed (PyTorch's CUDA errors run to many lines of advice)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+class TorchSampler:
+    """Times ``model(x)``. On CUDA with ``latency.mode=cudagraph`` the network is captured as a CUDA graph at the
+    first call and replayed; a network that cannot be captured (an operator that syncs with the host, say) is
+    timed eagerly instead, with one warning line, and says so: ``mode`` is the mode its figures come from,
+    ``fallback`` why it is not the configured one. A search then keeps a figure for such a network rather than
+    failing its trial, and the figure is labelled (trial attribute, MLflow tag)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, settings: LatencySettings,
+                 capture: Callable[[nn.Module, torch.Tensor], Callable[[], object]] = _cuda_graph) -> None:  # fmt: skip
+        self.model, self.x, self.settings, self.capture = model, x, settings, capture
+        self.mode = settings.effective_mode
+        self.fallback: str | None = None
+        self._run: Callable[[], object] | None = None
+
+    def __call__(self) -> list[float]:
+        with torch.no_grad(), measuring_backends():  # no_grad, not inference_mode: those tensors break capture
+            run = self.runner()
+            if self.settings.device == "cpu":
+                with cpu_threads(self.settings.threads):
+                    return host_samples(run, self.settings)
+            return cuda_event_samples(run, self.settings)
+
+    def eager(self) -> object:
+        return self.model(self.x)
+
+    def runner(self) -> Callable[[], object]:
+        """The graph's replay, or eager calls when the settings ask for them or the capture fails."""
+        if self._run is None:
+            self._run = self.eager
+            if self.mode == "cudagraph":
+                try:
+                    self._run = self.capture(self.model, self.x)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError as err:
+                    self.mode, self.fallback = "eager", capture_failure(err)
+                    print(f"warning: CUDA-graph capture of the network failed ({self.fallback}); its latency is "
+                          "measured eagerly (launch overhead included)", file=sys.stderr, flush=True)  # fmt: skip
+        return self._run
+
+
 class TorchRuntime:
     """PyTorch itself: eager on CPU with ``latency.threads`` threads; on CUDA a CUDA-graph replay
     (``latency.mode=cudagraph``, deployment-like) or eager launches."""
@@ -163,18 +210,7 @@ class TorchRuntime:
 
     def prepare(self, model: nn.Module, input_shape: tuple[int, ...], settings: LatencySettings) -> Sampler:
         device = torch.device(settings.device)
-        model = model.to(device).eval()
-        x = torch.randn(*input_shape, device=device)
-
-        def take() -> list[float]:
-            with torch.no_grad(), measuring_backends():  # no_grad, not inference_mode: those tensors break capture
-                if settings.device == "cpu":
-                    with cpu_threads(settings.threads):
-                        return host_samples(lambda: model(x), settings)
-                run = _cuda_graph(model, x) if settings.mode == "cudagraph" else (lambda: model(x))
-                return cuda_event_samples(run, settings)
-
-        return take
+        return TorchSampler(model.to(device).eval(), torch.randn(*input_shape, device=device), settings)
 
 
 def runtime_option_dir() -> Path:

@@ -280,6 +280,7 @@ class Finalist:
     p10_ms: float | None = None
     p90_ms: float | None = None
     over_budget: bool = False
+    latency_fallback: str | None = None  # why it was timed eagerly: its CUDA-graph capture failed
 
     @property
     def accs(self) -> list[float]:
@@ -363,6 +364,7 @@ class RoundOutcome:
                 "val_acc_low": interval.low if interval else None, "val_acc_high": interval.high if interval else None,
                 "accs_by_seed": {str(s): a for s, a in sorted(f.by_seed.items())},
                 "measured_ms": f.measured_ms, "p10_ms": f.p10_ms, "p90_ms": f.p90_ms, "over_budget": f.over_budget,
+                "latency_fallback": f.latency_fallback,
                 "verdicts": [asdict(c) for c in self.comparisons.get(f.candidate.trial, [])],
             })  # fmt: skip
         return rows
@@ -573,13 +575,15 @@ class FinalistRound:
                     arch = decode(f.candidate.arch)
                     passes[f.candidate.trial].append(measure_arch(arch, self.num_classes, self.latency))
             figures = {str(trial): {"median_ms": statistics.median(s.median_ms for s in stats),
-                                    "p10_ms": min(s.p10_ms for s in stats), "p90_ms": max(s.p90_ms for s in stats)}
+                                    "p10_ms": min(s.p10_ms for s in stats), "p90_ms": max(s.p90_ms for s in stats),
+                                    "fallback": next((s.fallback for s in stats if s.fallback), None)}
                        for trial, stats in passes.items()}  # fmt: skip
             stored = {"key": key, "trials": trials, "figures": figures}
             self.round_study.set_user_attr(LATENCY_PASS_ATTR, stored)
         for f in finalists:
             figure = stored["figures"][str(f.candidate.trial)]
             f.measured_ms, f.p10_ms, f.p90_ms = figure["median_ms"], figure["p10_ms"], figure["p90_ms"]
+            f.latency_fallback = figure.get("fallback")
 
 
 def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:
@@ -596,8 +600,13 @@ def log_round(tracker: StudyTracker, outcome: RoundOutcome) -> None:
             "latency_ms_measured": f.measured_ms, "latency_ms_p10": f.p10_ms, "latency_ms_p90": f.p90_ms,
             "latency_ms_predicted": f.candidate.predicted_ms, "seeds_trained": len(f.accs),
         })  # fmt: skip
-        tracker.set_tags(run_id, {"nas.finalist.winner": str(f.candidate.trial == winner).lower(),
-                                  "nas.finalist.over_budget": str(f.over_budget).lower()})  # fmt: skip
+        tags = {
+            "nas.finalist.winner": str(f.candidate.trial == winner).lower(),
+            "nas.finalist.over_budget": str(f.over_budget).lower(),
+        }
+        if f.latency_fallback:
+            tags["nas.latency_mode"] = f"eager fallback: {f.latency_fallback}"
+        tracker.set_tags(run_id, tags)
         tracker.end_trial(run_id, "complete", "FINISHED")
     for trial in outcome.unfinished:
         if trial in outcome.runs:

@@ -25,7 +25,7 @@ from nas.data import TensorImageDataModule
 from nas.data.loading import ImageData
 from nas.errors import NasError
 from nas.interrupts import Interrupted
-from nas.latency.estimator import LatencyEstimator
+from nas.latency.estimator import MODE_FALLBACK_ATTR, LatencyEstimator
 from nas.models import arch_params, cost
 from nas.objectives import StudyObjective
 from nas.search.faults import FaultInjection
@@ -64,6 +64,7 @@ class TrialOutcome:
     run_id: str | None = None
     epochs: int | None = None  # epochs trained (fewer than train.epochs when pruned)
     refused: Refusals = field(default_factory=Refusals)  # draws over the budget refused before this trial
+    latency_fallback: str | None = None  # why its latency was timed eagerly (its CUDA-graph capture failed)
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -251,9 +252,13 @@ class Objective:
     def _start_run(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
         reference = outcome.reference
         params = {**({"arch": outcome.arch} if outcome.arch else {}), **trial.params}
+        tags = {}
         if reference:
             params["reference"] = reference
-        return self.tracker.start_trial(trial.number, params, {"nas.reference": reference} if reference else {})
+            tags["nas.reference"] = reference
+        if outcome.latency_fallback:
+            tags["nas.latency_mode"] = f"eager fallback: {outcome.latency_fallback}"
+        return self.tracker.start_trial(trial.number, params, tags)
 
     def _measure(self, trial: optuna.Trial, outcome: TrialOutcome, arch: Arch, draft: Draft | None) -> float:
         """Latency and params, known before any training (the constraint goes to the sampler); a drafted
@@ -262,8 +267,9 @@ class Objective:
         latency, details = (draft.latency_ms, draft.details) if draft else self.judge(arch)
         outcome.latency_ms, outcome.params = latency, params
         trial.set_user_attr("latency_ms", latency)
-        for key, value in details.items():  # predicted and measured near the budget
+        for key, value in details.items():  # predicted and measured near the budget, the mode it was timed in
             trial.set_user_attr(key, value)
+        outcome.latency_fallback = details.get(MODE_FALLBACK_ATTR)
         trial.set_user_attr("params", params)
         if self.goal.hard_budget:
             trial.set_constraint(CONSTRAINT_KEY, latency - float(self.goal.budget_ms))  # type: ignore[arg-type]
