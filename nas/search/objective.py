@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -297,6 +298,8 @@ class Objective:
         flops = cost(arch, self.num_classes).flops  # only for networks that train
         trial.set_user_attr("flops", flops)
         trial.set_user_attr("worker", worker_index(self.cfg))
+        if os.environ.get("NAS_WORKER_NODE"):  # set by the Ray launcher: the node that trains this trial
+            trial.set_user_attr("worker_node", os.environ["NAS_WORKER_NODE"])
         trial.set_user_attr("seed", int(cfg.seed))  # its training seed: the finalist round takes others
         outcome.run_id = run_id = self._start_run(trial, outcome)
         self.tracker.log_metrics(run_id, {"latency_ms": latency, "params": outcome.params, "flops": flops})

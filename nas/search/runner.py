@@ -24,6 +24,7 @@ from nas.search import workers
 from nas.search.console import DrawReporter, trial_line
 from nas.search.finalists import FinalistRound, FinalistTraining, RoundSettings, open_round_study, work_through
 from nas.search.hparams import resolve_hparams
+from nas.search.launchers import Launcher, make_launcher
 from nas.search.objective import Objective, TrialFailed, free_trial_memory
 from nas.search.study import (
     check_search_cfg,
@@ -42,11 +43,11 @@ from nas.search.summary import (
     SearchResult,
     finish,
 )
-from nas.search.waiting import RunningTrialsWait
+from nas.search.waiting import RunningTrialsWait, wait_for_main
 from nas.space import Space, require_space
 from nas.studies import FINALISTS_SUFFIX, LATENCY_ATTR, make_storage, stored_latency_table
 from nas.tracking.runs import connect
-from nas.tracking.trials import StudyTracker, TrackingError, flatten_config
+from nas.tracking.trials import PARENT_ATTR, StudyTracker, TrackingError, flatten_config
 from nas.train.run import check_data_cfg, check_train_cfg, load_training_data
 from nas.urls import mask_url
 
@@ -133,6 +134,7 @@ class Session:
     target: int
     rounds: RoundSettings
     phase: str  # search.phase, checked
+    launcher: Launcher
 
     @property
     def worker(self) -> bool:
@@ -180,8 +182,11 @@ def open_session(cfg: DictConfig) -> Session:
     space = require_space(cfg)
     hparams = resolve_hparams(cfg.search.hparams, cfg)  # bad keys or ranges fail before anything starts
     worker = cfg.search.role == "worker"
-    plans = [] if worker else workers.plan(cfg)
+    launcher = make_launcher(cfg)
+    plans = [] if worker else launcher.plan(cfg)
     workers.check_latency_for_concurrency(cfg, len(plans))
+    if plans:
+        launcher.check(cfg, plans)  # e.g. a Ray cluster reached, before any data is loaded
     client = connect(cfg.mlflow)  # fails fast on an unreachable server, before any data is loaded
     storage = make_storage(cfg)  # likewise for an unreachable study storage
     per_device = int(cfg.search.trials_per_gpu) if any(p.gpu is not None for p in plans) else 1
@@ -190,6 +195,8 @@ def open_session(cfg: DictConfig) -> Session:
     num_classes = len(splits.classes)
     data = _data_identity(cfg, splits)
     name = study_name(cfg, space, data["fingerprint"])
+    if worker:  # started at once with its main process (an array job): join only a study the main prepared
+        wait_for_main(storage, name, PARENT_ATTR, float(cfg.search.get("join_timeout_s", 600)))
     stored = stored_latency_table(storage, name)  # a resumed study predicts with its own table
     estimator = make_estimator(cfg.latency, num_classes, space, int(cfg.seed), stored)
     local = (cfg.latency.get("target") or "local") == "local"
@@ -213,7 +220,7 @@ def open_session(cfg: DictConfig) -> Session:
             enqueue_references(study, space)
     objective = Objective(cfg, space, splits, estimator, tracker, num_classes, goal)
     objective.screen_draws(study)
-    return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds, phase)
+    return Session(cfg, study, created, tracker, objective, storage, plans, target, rounds, phase, launcher)
 
 
 def run_search(cfg: DictConfig) -> SearchResult:
@@ -232,7 +239,7 @@ def run_search(cfg: DictConfig) -> SearchResult:
         print(o.estimator.describe(), flush=True)
     if s.phase == "finalists":
         return _finalist_worker(s)
-    if workers.needs_processes(s.plans):
+    if s.plans:
         return _run_workers(s)
     try:
         with signals_interrupt():
@@ -343,19 +350,22 @@ def _trial_loop(
             running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
 
 
-def _spawn_and_wait(s: Session, extra: tuple[str, ...] = ()) -> tuple[list[int], list[workers.Worker]]:
-    """Start the worker processes and wait for them; a signal is passed on to them before it is raised here."""
-    where = ", ".join(f"GPU {p.gpu}" if p.gpu is not None else "CPU" for p in s.plans)
-    print(f"starting {len(s.plans)} worker processes ({where})", flush=True)
+def _spawn_and_wait(s: Session, extra: tuple[str, ...] = ()) -> tuple[list[int], list[Any]]:
+    """Start the workers and wait for them; a signal is passed on to them before it is raised here."""
+    print(s.launcher.describe(s.plans), flush=True)
     folder = Path("outputs") / "workers" / s.study.study_name
     s.objective.release_data()  # each worker loads its own copy
-    started = workers.spawn(s.cfg, s.plans, folder, extra)
+    started = s.launcher.start(s.cfg, s.plans, folder, extra)
     try:
         with signals_interrupt():
-            return workers.wait_all(started), started
+            codes = started.wait()
     except Interrupted as exc:
-        workers.wait_all(started, forward=exc.signame)
+        started.wait(forward=exc.signame)
         raise
+    for w in started.workers:  # which workers died and why, even when the others finished the study
+        if w.deaths:
+            print(f"worker {w.plan.index} died {len(w.deaths)} time(s): {'; '.join(w.deaths)}", flush=True)
+    return codes, started.workers
 
 
 def _run_workers(s: Session) -> SearchResult:

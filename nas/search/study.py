@@ -24,7 +24,8 @@ from nas.space import Space
 from nas.studies import identity_diffs
 from nas.train.run import recipe
 
-GROUPS = ("sampler", "pruner")  # config groups under search/: a YAML file per Optuna class
+# Config groups under search/: a YAML file per class (an Optuna sampler or pruner, a launcher of the workers).
+GROUPS = {"sampler": "an Optuna sampler", "pruner": "an Optuna pruner", "launcher": "a launcher"}
 
 
 def group_options(group: str) -> list[str]:
@@ -59,7 +60,7 @@ def _target(cfg: DictConfig, group: str) -> str:
     node = cfg.search.get(group)
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise NasError(
-            f"search.{group} must name an Optuna {group} class with _target_ (choose one with "
+            f"search.{group} must name {GROUPS[group]} class with _target_ (choose one with "
             f"search/{group}=NAME: {', '.join(group_options(group))})"
         )
     return str(node._target_)
@@ -85,11 +86,15 @@ def check_search_cfg(cfg: DictConfig) -> None:
         )
 
 
-def _instantiate(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
+def instantiate_group(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
+    """The object of ``search.<group>`` (a file of the group, or its name); one that cannot be made is one line,
+    the object's own refusal (a bad argument it names) as it said it."""
     target = _target(cfg, group)
     try:
         return instantiate(cfg.search[group], **kwargs)
     except Exception as exc:  # hydra wraps import errors and bad arguments in InstantiationException
+        if isinstance(exc.__cause__, NasError):
+            raise exc.__cause__ from None
         reason = str(exc).splitlines()[0][:300]
         raise NasError(f"search.{group}: cannot create {target}: {reason}") from None
 
@@ -117,7 +122,7 @@ def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSa
     seed = (int(cfg.seed) + 1_000_003 * resumed_at + 7_919 * worker_index(cfg)) % 2**32  # numpy takes < 2^32
     target = _target(cfg, "sampler")
     kwargs: dict[str, Any] = {}
-    cls = _instantiate(cfg, "sampler", _partial_=True)
+    cls = instantiate_group(cfg, "sampler", _partial_=True)
     if "seed" in inspect.signature(cls).parameters:
         kwargs["seed"] = seed
     sampler = cls(**kwargs)
@@ -128,7 +133,7 @@ def make_sampler(cfg: DictConfig, resumed_at: int = 0) -> optuna.samplers.BaseSa
 
 def make_pruner(cfg: DictConfig, objective: StudyObjective) -> optuna.pruners.BasePruner:
     """The configured pruner behind :class:`EvidencePruner`; none where the objective cannot be pruned."""
-    pruner = _instantiate(cfg, "pruner")
+    pruner = instantiate_group(cfg, "pruner")
     if not isinstance(pruner, optuna.pruners.BasePruner):
         raise NasError(f"search.pruner: {_target(cfg, 'pruner')} is not an Optuna pruner (optuna.pruners.BasePruner)")
     if not objective.can_prune or isinstance(pruner, optuna.pruners.NopPruner):

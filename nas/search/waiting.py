@@ -1,9 +1,12 @@
-"""Waiting for trials that other processes run, or that a killed process left RUNNING."""
+"""Waiting for what other processes do: trials they run (or a killed process left RUNNING), a study that the
+main process has yet to prepare."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+from nas.errors import NasError
 
 
 class RunningTrialsWait:
@@ -49,3 +52,27 @@ class RunningTrialsWait:
                     flush=True,
                 )
         time.sleep(max(1.0, min(5.0, self.grace / 2)))
+
+
+def wait_for_main(storage: Any, study_name: str, prepared_attr: str, timeout_s: float, poll_s: float = 2.0) -> None:
+    """A worker started beside its main process (an array job, an indexed Kubernetes Job: all at once) waits until
+    the main process has prepared the study (its MLflow run, latency table and yardsticks) rather than making a
+    study of its own that no run holds."""
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+            if prepared_attr in storage.get_study_user_attrs(study_id):
+                return
+        except KeyError:  # not created yet
+            pass
+        if time.monotonic() > deadline:
+            raise NasError(
+                f"no main process prepared study {study_name} within search.join_timeout_s={timeout_s:g} s: start "
+                f"the same command without search.role=worker first (it creates the study and its MLflow run), or "
+                f"raise search.join_timeout_s"
+            )
+        if not said:
+            print(f"waiting for the main process to prepare study {study_name}", flush=True)
+            said = True
+        time.sleep(poll_s)

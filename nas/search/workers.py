@@ -118,21 +118,53 @@ def worker_env(plan: WorkerPlan, workers: int, base: dict[str, str], secrets: di
     if plan.gpu is not None:
         visible = [v.strip() for v in base.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         env["CUDA_VISIBLE_DEVICES"] = visible[plan.gpu] if visible else str(plan.gpu)
-    env.update({SECRET_ENV[key]: value for key, value in secrets.items()})
+    env.update(secret_env(secrets))
     return env
 
 
-def write_worker_config(cfg: DictConfig, folder: Path) -> dict[str, str]:
-    """The resolved configuration for the workers, with the storage and tracking URLs replaced by
-    environment lookups: a password never lands in a file. Returns the real values for the environment."""
-    folder.mkdir(parents=True, exist_ok=True)
+def worker_config(cfg: DictConfig) -> tuple[str, dict[str, str]]:
+    """The resolved configuration for the workers as YAML, with the storage and tracking URLs replaced by
+    environment lookups (a password never lands in a file, a task argument or a log), and the real values for
+    the workers' environment."""
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     secrets = {}
     for key, var in SECRET_ENV.items():
         secrets[key] = str(OmegaConf.select(resolved, key))
         OmegaConf.update(resolved, key, f"${{oc.env:{var}}}", merge=False)
-    OmegaConf.save(resolved, folder / "worker.yaml")
+    return OmegaConf.to_yaml(resolved), secrets
+
+
+def write_worker_config(cfg: DictConfig, folder: Path) -> dict[str, str]:
+    """``worker.yaml`` in ``folder`` (see :func:`worker_config`); returns the real values for the environment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text, secrets = worker_config(cfg)
+    (folder / "worker.yaml").write_text(text)
     return secrets
+
+
+def secret_env(secrets: dict[str, str]) -> dict[str, str]:
+    """The environment variables ``worker.yaml`` reads the storage and tracking URLs from."""
+    return {SECRET_ENV[key]: value for key, value in secrets.items()}
+
+
+def worker_command(config_dir: Path, index: int, run_dir: Path, extra: Sequence[str] = ()) -> list[str]:
+    """``python -m nas.search`` as a worker of this exact configuration (``config_dir/worker.yaml``)."""
+    return [
+        sys.executable,
+        "-m",
+        "nas.search",
+        "--config-path",
+        str(config_dir.resolve()),
+        "--config-name",
+        "worker",
+        "search.role=worker",
+        "search.workers=1",
+        "search.gpus=null",
+        "search.trials_per_gpu=1",
+        f"search.worker_index={index}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @dataclass
@@ -141,16 +173,21 @@ class Worker:
     process: subprocess.Popen
     errors: list[str] = field(default_factory=list)  # the worker's "error: ..." lines, for the main summary
     relay: threading.Thread | None = None
+    deaths: list[str] = field(default_factory=list)  # how it ended when it did not exit by itself
+
+
+def relay_line(index: int, line: str, errors: list[str]) -> None:
+    """A worker's stderr line on this process's stderr, prefixed with its index; its error lines kept."""
+    if line.startswith("error: "):
+        errors.append(line.removeprefix("error: ").strip())
+    sys.stderr.write(f"[worker {index}] {line}")
+    sys.stderr.flush()
 
 
 def _relay(worker: Worker) -> None:
-    """Pass the worker's stderr on (prefixed with its index) and keep its error lines."""
     assert worker.process.stderr is not None
     for line in worker.process.stderr:
-        if line.startswith("error: "):
-            worker.errors.append(line.removeprefix("error: ").strip())
-        sys.stderr.write(f"[worker {worker.plan.index}] {line}")
-        sys.stderr.flush()
+        relay_line(worker.plan.index, line, worker.errors)
 
 
 def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path, extra: Sequence[str] = ()) -> list[Worker]:
@@ -158,22 +195,7 @@ def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path, extra: Sequenc
     secrets = write_worker_config(cfg, folder)
     started = []
     for p in plans:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nas.search",
-            "--config-path",
-            str(folder.resolve()),
-            "--config-name",
-            "worker",
-            "search.role=worker",
-            "search.workers=1",
-            "search.gpus=null",
-            "search.trials_per_gpu=1",
-            f"search.worker_index={p.index}",
-            f"hydra.run.dir={folder / f'worker-{p.index}'}",
-            *extra,
-        ]
+        cmd = worker_command(folder, p.index, folder / f"worker-{p.index}", extra)
         env = worker_env(p, len(plans), dict(os.environ), secrets)
         process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
         worker = Worker(p, process)
@@ -184,7 +206,8 @@ def spawn(cfg: DictConfig, plans: list[WorkerPlan], folder: Path, extra: Sequenc
 
 
 def wait_all(started: list[Worker], forward: str | None = None, timeout: float = 120) -> list[int]:
-    """Wait for every worker; with ``forward`` (a signal name) first pass that signal on."""
+    """Wait for every worker; with ``forward`` (a signal name) first pass that signal on. A worker killed by a
+    signal it was not sent says so in ``deaths``."""
     if forward:
         for w in started:
             if w.process.poll() is None:
@@ -196,6 +219,8 @@ def wait_all(started: list[Worker], forward: str | None = None, timeout: float =
         except subprocess.TimeoutExpired:
             w.process.kill()
             codes.append(w.process.wait())
+        if codes[-1] < 0 and not forward:
+            w.deaths.append(f"killed by {signal.Signals(-codes[-1]).name}")
         if w.relay is not None:
             w.relay.join(timeout=10)
     return codes
