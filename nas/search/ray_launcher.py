@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,6 +149,7 @@ def run_worker(index: int, config_yaml: str, extra: list[str], secrets: dict[str
             code = proc.wait()
     for t in pumps:
         t.join(timeout=10)
+    shutil.rmtree(folder, ignore_errors=True)  # its configuration and Hydra's record: its lines were relayed
     return {"index": index, "code": code, "errors": errors, "node": node}
 
 
@@ -156,7 +158,6 @@ class RayWorker:
     plan: WorkerPlan
     errors: list[str] = field(default_factory=list)
     deaths: list[str] = field(default_factory=list)
-    nodes: list[str] = field(default_factory=list)  # where each attempt ran
     restarts: int = 0
 
 
@@ -230,7 +231,6 @@ class RayWorkers:
                 self.codes[index] = -1
             return
         worker.errors.extend(result["errors"])
-        worker.nodes.append(result["node"])
         self.codes[index] = int(result["code"])
 
 
@@ -306,7 +306,7 @@ class RayLauncher:
     def describe(self, plans: list[WorkerPlan]) -> str:
         gpus = f", {self._gpus:g} GPU" if self._gpus else ""
         return (f"starting {len(plans)} workers through Ray at {self.address or 'this machine'} "
-                f"({self.num_cpus:g} CPU{gpus} each, spread over its nodes)")  # fmt: skip
+                f"({self.num_cpus:g} CPU{gpus} each{', spread over its nodes' if self.spread else ''})")  # fmt: skip
 
     def start(self, cfg: DictConfig, plans: list[WorkerPlan], folder: Path, extra: Sequence[str]) -> RayWorkers:
         from ray.util.queue import Queue
