@@ -49,6 +49,8 @@ def test_the_launcher_is_a_config_group_with_a_short_spelling_and_checked_argume
     assert launcher.address == "ray://head:10001"
     with pytest.raises(NasError, match=r"search\.launcher\.max_restarts=-1 must be a whole number >= 0"):
         _launcher("search/launcher=ray", "search.launcher.max_restarts=-1")
+    with pytest.raises(NasError, match=r"search\.launcher\.address=6379 must be auto, HOST:PORT"):
+        _launcher("search/launcher=ray", "search.launcher.address=6379")
     with pytest.raises(NasError, match=r"search\.launcher='slurm' is not one of local, ray"):
         _launcher("search.launcher=slurm")
     cfg, launcher = _launcher("search.launcher=ray", "search.gpus=all")

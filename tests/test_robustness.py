@@ -322,6 +322,11 @@ BAD_INPUT = [
         "search.draws_per_trial=0 must be a whole number >= 1 (draws one trial may refuse",
     ),
     (
+        "join_timeout_s=-1",
+        lambda t: ["+space=mbv3", "search.join_timeout_s=-1"],
+        "search.join_timeout_s=-1 must be seconds >= 0 (how long a worker waits for the main process",
+    ),
+    (
         "impossible budget",
         lambda t: [_bad_space(t, TINY_SPACE), "latency.budget_ms=0.00001"],
         "latency.budget_ms=1e-05 cannot be met: the cheapest network of space bad takes",

@@ -240,6 +240,8 @@ class RayLauncher:
 
     def __init__(self, address: str | None = "auto", max_restarts: int = 2, num_cpus: float = 1,
                  num_gpus: float | str = "auto", spread: bool = True) -> None:  # fmt: skip
+        if address is not None and not isinstance(address, str):
+            raise NasError(f"search.launcher.address={address!r} must be auto, HOST:PORT, ray://HOST:PORT or null")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise NasError(f"search.launcher.max_restarts={max_restarts!r} must be a whole number >= 0")
         if not (isinstance(num_cpus, int | float) and num_cpus > 0):

@@ -73,6 +73,10 @@ def check_search_cfg(cfg: DictConfig) -> None:
         value = cfg.search.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise NasError(f"search.{key}={value!r} must be a whole number >= 0")
+    timeout = cfg.search.get("join_timeout_s", 600)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise NasError(f"search.join_timeout_s={timeout!r} must be seconds >= 0 (how long a worker waits for the "
+                       "main process to prepare the study)")  # fmt: skip
     draws = cfg.search.get("draws_per_trial", 1)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise NasError(
