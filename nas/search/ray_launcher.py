@@ -111,8 +111,8 @@ def _pump(stream: Any, index: int, kind: str, lines: Any, errors: list[str] | No
     never blocks on a full pipe."""
     relaying = True
     for line in stream:
-        if errors is not None and line.startswith("error: "):
-            errors.append(line.removeprefix("error: ").strip())
+        if errors is not None:
+            workers.keep_error(line, errors)
         relaying = relaying and _send(lines, (index, kind, line))
 
 

@@ -176,10 +176,15 @@ class Worker:
     deaths: list[str] = field(default_factory=list)  # how it ended when it did not exit by itself
 
 
-def relay_line(index: int, line: str, errors: list[str]) -> None:
-    """A worker's stderr line on this process's stderr, prefixed with its index; its error lines kept."""
+def keep_error(line: str, errors: list[str]) -> None:
+    """A worker's ``error: ...`` line, for the main summary."""
     if line.startswith("error: "):
         errors.append(line.removeprefix("error: ").strip())
+
+
+def relay_line(index: int, line: str, errors: list[str]) -> None:
+    """A worker's stderr line on this process's stderr, prefixed with its index; its error lines kept."""
+    keep_error(line, errors)
     sys.stderr.write(f"[worker {index}] {line}")
     sys.stderr.flush()
 
